@@ -1,0 +1,1178 @@
+"""Parameter Golf, 10 min / 16 MB track: a 10-layer GPT (XSA, value residual, BigramHash, SmearGate,
+LeakyReLU^2 MLP) trained with Muon, exported as mixed int5/int6 + zstd, and scored on the full
+FineWeb validation split by a sliding window mixed with an exact, normalized, causal n-gram backoff.
+
+Every knob is an environment variable (see Hyperparameters). Launch:
+    torchrun --standalone --nproc_per_node=8 train_gpt.py
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import glob
+import json
+import math
+import os
+import sys
+import time
+import uuid
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import zstandard
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+class UsageError(Exception):
+    """A bad setting, input file or artifact. Reported as one `error:` line, never a traceback."""
+
+
+class EvalFailure(Exception):
+    """The run finished but a result must not be trusted (over the byte cap, incomplete, failed audit)."""
+
+
+def _parse_bool(raw: str) -> bool:
+    value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(raw.lower())
+    if value is None:
+        raise ValueError(raw)
+    return value
+
+
+_KINDS = {int: ("an integer", int), float: ("a number", float), bool: ("0 or 1", _parse_bool)}
+
+
+def env(name: str, default, kind=int, lo=None, hi=None):
+    """Read one knob; anything unparsable or out of [lo, hi] is a UsageError naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if kind is str:
+        return raw
+    desc, parse = _KINDS[kind]
+    try:
+        value = parse(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} is invalid: expected {desc}") from None
+    if kind is float and not math.isfinite(value):
+        raise UsageError(f"{name}={raw!r} is invalid: expected a finite number")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        raise UsageError(f"{name}={raw} is out of range: must be {bounds}")
+    return value
+
+
+# Settings that fix the model's shape: stored in the artifact so EVAL_ONLY needs nothing else.
+MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+              "rope_dims", "rope_base", "xsa_last_n", "bigram_vocab_size", "bigram_dim", "smear_gate",
+              "value_residual", "ln_scale", "logit_softcap")
+
+
+class Hyperparameters:
+    """Every knob, read from the environment and validated before any expensive work."""
+
+    def __init__(self, world_size: int = 1):
+        # Data, run and devices.
+        self.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024", str)
+        self.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", str)
+        self.run_id = env("RUN_ID", uuid.uuid4().hex[:12], str)
+        self.log_dir = env("LOG_DIR", "logs", str)
+        self.seed = env("SEED", 1337, int, 0)
+        self.device = env("DEVICE", "auto", str)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"DEVICE={self.device!r} is invalid: expected auto, cpu or cuda")
+        self.compile = env("COMPILE", None, bool)  # None: on for CUDA, off for CPU
+        # Model (defaults: the record configuration, ~24.7M parameters).
+        self.vocab_size = env("VOCAB_SIZE", 1024, int, 2, 65536)
+        self.num_layers = env("NUM_LAYERS", 10, int, 1)
+        self.model_dim = env("MODEL_DIM", 512, int, 8)
+        self.num_heads = env("NUM_HEADS", 8, int, 1)
+        self.num_kv_heads = env("NUM_KV_HEADS", 4, int, 1)
+        self.mlp_mult = env("MLP_MULT", 3.0, float, 0.25, 64)
+        self.rope_dims = env("ROPE_DIMS", 16, int, 2)
+        self.rope_base = env("ROPE_BASE", 10000.0, float, 1.0)
+        self.xsa_last_n = env("XSA_LAST_N", 4, int, 0)
+        self.bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", 4096, int, 0)
+        self.bigram_dim = env("BIGRAM_DIM", 128, int, 1)
+        self.smear_gate = env("SMEAR_GATE", True, bool)
+        self.value_residual = env("VALUE_RESIDUAL", True, bool)
+        self.ln_scale = env("LN_SCALE", True, bool)
+        self.logit_softcap = env("LOGIT_SOFTCAP", 30.0, float, 1.0)
+        self.qk_gain_init = env("QK_GAIN_INIT", 1.5, float, 0.0)
+        # Training.
+        self.train_seq_len = env("TRAIN_SEQ_LEN", 2048, int, 2)
+        self.train_batch_tokens = env("TRAIN_BATCH_TOKENS", 786_432, int, 1)
+        self.iterations = env("ITERATIONS", 20_000, int, 0)
+        self.max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", 600.0, float, 0.0)
+        self.warmup_steps = env("WARMUP_STEPS", 20, int, 0)
+        self.warmdown_iters = env("WARMDOWN_ITERS", 3500, int, 0)
+        self.grad_accum_steps = env("GRAD_ACCUM_STEPS", max(1, 8 // world_size), int, 1)
+        self.matrix_lr = env("MATRIX_LR", 0.03, float, 0.0)
+        self.scalar_lr = env("SCALAR_LR", 0.02, float, 0.0)
+        self.tied_embed_lr = env("TIED_EMBED_LR", 0.03, float, 0.0)
+        self.muon_wd = env("MUON_WD", 0.04, float, 0.0)
+        self.adam_wd = env("ADAM_WD", 0.04, float, 0.0)
+        self.muon_momentum = env("MUON_MOMENTUM", 0.99, float, 0.0, 1.0)
+        self.muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92, float, 0.0, 1.0)
+        self.muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", 1500, int, 0)
+        self.grad_clip_norm = env("GRAD_CLIP_NORM", 0.3, float, 0.0)
+        self.ema_decay = env("EMA_DECAY", 0.997, float, 0.0, 1.0)
+        self.train_log_every = env("TRAIN_LOG_EVERY", 100, int, 1)
+        # Export.
+        self.artifact_path = env("ARTIFACT_PATH", "final_model.ptz", str)
+        self.artifact_limit_bytes = env("ARTIFACT_LIMIT_BYTES", 16_000_000, int, 1)
+        self.eval_only = env("EVAL_ONLY", False, bool)
+        # Evaluation.
+        self.eval_seq_len = env("EVAL_SEQ_LEN", 2048, int, 1)
+        self.eval_stride = env("EVAL_STRIDE", 64, int, 1)
+        self.eval_batch_seqs = env("EVAL_BATCH_SEQS", 32, int, 1)
+        self.eval_budget_seconds = env("EVAL_BUDGET_SECONDS", 600.0, float, 0.0)
+        self.eval_dump_path = env("EVAL_DUMP_PATH", "", str)
+        self.ngram = env("NGRAM", True, bool)
+        self.ngram_min_order = env("NGRAM_MIN_ORDER", 2, int, 2)
+        self.ngram_max_order = env("NGRAM_MAX_ORDER", 7, int, 2, 32)
+        self.ngram_min_count = env("NGRAM_MIN_COUNT", 2, int, 1)
+        self.ngram_ent_base = env("NGRAM_ENT_BASE", 0.05, float, 0.0, 1.0)
+        self.ngram_ent_range = env("NGRAM_ENT_RANGE", 0.55, float, 0.0, 1.0)
+        self.ngram_ent_scale = env("NGRAM_ENT_SCALE", 2.0, float)
+        self.ngram_ent_thresh = env("NGRAM_ENT_THRESH", 4.0, float)
+        self.ngram_audit_positions = env("NGRAM_AUDIT_POSITIONS", 256, int, 0)
+        # Submission.
+        self.submission_path = env("SUBMISSION_PATH", "submission.json", str)
+        self.author = env("AUTHOR", "", str)
+        self.github_id = env("GITHUB_ID", "", str)
+        self.world_size = world_size
+        self.check()
+
+    def check(self) -> None:
+        def bad(msg):
+            raise UsageError(msg)
+        if self.model_dim % self.num_heads:
+            bad(f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
+        if self.num_heads % self.num_kv_heads:
+            bad(f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
+        head_dim = self.model_dim // self.num_heads
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            bad(f"ROPE_DIMS={self.rope_dims} is invalid: must be even and <= head dim {head_dim}")
+        if self.xsa_last_n > self.num_layers:
+            bad(f"XSA_LAST_N={self.xsa_last_n} is invalid: must be <= NUM_LAYERS={self.num_layers}")
+        if self.bigram_vocab_size == 1:
+            bad("BIGRAM_VOCAB_SIZE=1 is invalid: use 0 (off) or >= 2 (one bucket is reserved)")
+        if abs(self.mlp_mult * self.model_dim - round(self.mlp_mult * self.model_dim)) > 1e-9:
+            bad(f"MLP_MULT={self.mlp_mult} is invalid: MLP_MULT*MODEL_DIM must be a whole number")
+        if self.ngram_max_order < self.ngram_min_order:
+            bad(f"NGRAM_MAX_ORDER={self.ngram_max_order} must be >= NGRAM_MIN_ORDER={self.ngram_min_order}")
+        if self.eval_stride > self.eval_seq_len:
+            bad(f"EVAL_STRIDE={self.eval_stride} is invalid: must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+        micro = self.world_size * self.grad_accum_steps * self.train_seq_len
+        if not self.eval_only and self.train_batch_tokens % micro:
+            bad(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world size "
+                f"{self.world_size} x GRAD_ACCUM_STEPS={self.grad_accum_steps} x TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.eval_only and not os.path.isfile(self.artifact_path):
+            bad(f"EVAL_ONLY=1 but ARTIFACT_PATH={self.artifact_path} does not exist")
+
+    def model_config(self) -> dict:
+        return {k: getattr(self, k) for k in MODEL_KEYS}
+
+    def apply_model_config(self, config: dict) -> None:
+        """Adopt an artifact's shape; an env var that says otherwise is an error, not a silent override."""
+        for key in MODEL_KEYS:
+            if key not in config:
+                raise UsageError(f"artifact {self.artifact_path} is corrupt: its config lacks {key}")
+            name = key.upper()
+            if os.environ.get(name, "").strip() and getattr(self, key) != config[key]:
+                raise UsageError(f"{name}={getattr(self, key)} contradicts the artifact, "
+                                 f"which was built with {name}={config[key]}")
+            setattr(self, key, config[key])
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime: processes, devices, logging
+
+
+class Runtime:
+    """Rank, device and precision. CPU and CUDA differ only here."""
+
+    def __init__(self, device_pref: str = "auto"):
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+        if use_cuda and not torch.cuda.is_available():
+            raise UsageError("DEVICE=cuda but no CUDA device is available")
+        self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
+        self.is_cuda = use_cuda
+        self.master = self.rank == 0
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None)
+
+    def autocast(self):
+        return torch.autocast("cuda", torch.bfloat16) if self.is_cuda else contextlib.nullcontext()
+
+    def sync(self):
+        if self.is_cuda:
+            torch.cuda.synchronize()
+
+    def all_reduce(self, t: Tensor, op=None) -> Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def gather_objects(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+class Logger:
+    """Rank 0 writes to stdout and logs/<RUN_ID>.txt; other ranks stay quiet."""
+
+    def __init__(self, args: Hyperparameters, rt: Runtime):
+        self.enabled = rt.master
+        self.path = os.path.join(args.log_dir, f"{args.run_id}.txt")
+        if self.enabled:
+            os.makedirs(args.log_dir, exist_ok=True)
+            open(self.path, "w", encoding="utf-8").close()
+
+    def __call__(self, msg: str = "", console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: shards, tokenizer, byte accounting
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def shard_token_count(path: str) -> int:
+    """Check a shard's header and exact size; return its token count."""
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise UsageError(f"shard {path} is truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise UsageError(f"shard {path} has wrong magic {header[0]} (expected {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise UsageError(f"shard {path} has unsupported version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    if count < 0 or size != HEADER_BYTES + 2 * count:
+        raise UsageError(f"shard {path} is truncated or padded: {size} bytes, header says {count} tokens "
+                         f"({HEADER_BYTES + 2 * count} bytes)")
+    return count
+
+
+def shard_tokens(path: str) -> np.ndarray:
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(shard_token_count(path),))
+
+
+def find_shards(data_path: str, split: str) -> list[str]:
+    paths = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not paths:
+        raise UsageError(f"no fineweb_{split}_*.bin shards under DATA_PATH={data_path}")
+    return paths
+
+
+def validate_shards(paths: list[str], vocab_size: int, rt: Runtime) -> None:
+    """Headers everywhere; the token-id scan of every shard is shared out across ranks."""
+    counts = [shard_token_count(p) for p in paths]
+    maxima = torch.zeros(len(paths), dtype=torch.int64, device=rt.device)
+    for i in range(rt.rank, len(paths), rt.world_size):
+        if counts[i]:
+            maxima[i] = int(shard_tokens(paths[i]).max())
+    maxima = rt.all_reduce(maxima, dist.ReduceOp.MAX).tolist()
+    for path, top in zip(paths, maxima):
+        if top >= vocab_size:
+            raise UsageError(f"shard {path} holds token id {top} >= VOCAB_SIZE={vocab_size}")
+
+
+def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(path):
+        raise UsageError(f"TOKENIZER_PATH={path} does not exist")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except Exception:
+        raise UsageError(f"TOKENIZER_PATH={path} is not a SentencePiece model") from None
+    if sp.vocab_size() != vocab_size:
+        raise UsageError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    return sp
+
+
+def byte_luts(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per piece: bytes of its text without a leading '▁', whether it has that '▁', whether it is a
+    control/unknown/unused piece (after which the '▁' stands for no byte)."""
+    n = sp.vocab_size()
+    base, space, boundary = np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece[1:].encode("utf-8")) if space[i] else len(piece.encode("utf-8"))
+    return base, space, boundary
+
+
+def target_bytes(prev: Tensor, tgt: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    base, space, boundary = luts
+    return base[tgt] + (space[tgt] & ~boundary[prev]).to(torch.int64)
+
+
+class TokenStream:
+    """The train shards as one endless stream, read in sorted order; its position can be saved."""
+
+    def __init__(self, paths: list[str]):
+        self.paths, self.shard, self.pos = paths, 0, 0
+        self.tokens = shard_tokens(paths[0])
+
+    def state(self) -> tuple[int, int]:
+        return self.shard, self.pos
+
+    def restore(self, state: tuple[int, int]) -> None:
+        if state[0] != self.shard:
+            self.tokens = shard_tokens(self.paths[state[0]])
+        self.shard, self.pos = state
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.restore(((self.shard + 1) % len(self.paths), 0))
+                continue
+            part = self.tokens[self.pos:self.pos + n]
+            parts.append(part)
+            self.pos += len(part)
+            n -= len(part)
+        return np.concatenate(parts).astype(np.int64)
+
+
+class BatchLoader:
+    """Each step reads TRAIN_BATCH_TOKENS + 1 contiguous tokens; micro-batch i of the step (rank-major,
+    then accumulation step) gets slice i. Steps overlap by the one target token, so every token is an
+    input once, and the data seen does not depend on how the batch is split."""
+
+    def __init__(self, paths: list[str], args: Hyperparameters, rt: Runtime):
+        self.stream, self.rt = TokenStream(paths), rt
+        self.batch, self.seq_len, self.accum = args.train_batch_tokens, args.train_seq_len, args.grad_accum_steps
+        self.micro = self.batch // (rt.world_size * self.accum)
+
+    def next_step(self) -> list[tuple[Tensor, Tensor]]:
+        chunk = torch.from_numpy(self.stream.take(self.batch + 1))
+        self.stream.pos -= 1  # the last target is the next step's first input
+        out = []
+        for k in range(self.accum):
+            start = (self.rt.rank * self.accum + k) * self.micro
+            piece = chunk[start:start + self.micro + 1].to(self.rt.device, non_blocking=True)
+            out.append((piece[:-1].view(-1, self.seq_len), piece[1:].view(-1, self.seq_len)))
+        return out
+
+
+def load_validation(args: Hyperparameters, rt: Runtime) -> Tensor:
+    tokens = np.concatenate([shard_tokens(p) for p in find_shards(args.data_path, "val")])
+    if len(tokens) < 2:
+        raise UsageError(f"the validation shards under DATA_PATH={args.data_path} hold fewer than 2 tokens")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first `dims` channels of each head."""
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims = dims
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / dims), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, H, T, head_dim]
+        t = torch.arange(x.size(2), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        half = self.dims // 2
+        x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: Hyperparameters, xsa: bool):
+        super().__init__()
+        dim, self.heads, self.kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
+        self.head_dim = dim // self.heads
+        self.c_q = nn.Linear(dim, dim, bias=False)
+        self.c_k = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
+        self.c_v = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.proj.zero_init = True
+        self.q_gain = nn.Parameter(torch.full((self.heads,), args.qk_gain_init))
+        self.rotary = Rotary(args.rope_dims, args.rope_base)
+        self.xsa = xsa
+
+    def forward(self, x: Tensor, v0: Tensor | None, vr_lambda: Tensor | None) -> tuple[Tensor, Tensor]:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if vr_lambda is not None:  # value residual: mix in layer 0's values
+            v = vr_lambda[0] * v0 + vr_lambda[1] * v
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = self.rotary(rms_norm(k))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        if self.xsa:  # remove from each head's output its component along the token's own value
+            g = self.heads // self.kv_heads
+            y = y.view(B, self.kv_heads, g, T, self.head_dim)
+            v_hat = F.normalize(v, dim=-1).unsqueeze(2)
+            y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, self.heads, T, self.head_dim)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1)), v
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
+        self.proj.zero_init = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, args: Hyperparameters, layer: int):
+        super().__init__()
+        dim = args.model_dim
+        self.attn = Attention(args, xsa=layer >= args.num_layers - args.xsa_last_n)
+        self.mlp = MLP(dim, round(args.mlp_mult * dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if args.ln_scale else 1.0
+
+    def forward(self, x, x0, v0, vr_lambda):
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        a, v = self.attn(rms_norm(x) * self.norm_scale, v0, vr_lambda)
+        x = x + self.attn_scale * a
+        x = x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+        return x, v
+
+
+class BigramHash(nn.Module):
+    """A learned embedding of (previous token, token), hashed into B-1 buckets; bucket B-1 is for the
+    first position of a sequence, which has no previous token."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.emb = nn.Embedding(buckets, dim)
+        nn.init.zeros_(self.emb.weight)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        h = torch.bitwise_xor(idx[:, :-1] * 36313, idx[:, 1:] * 27191) % (self.buckets - 1)
+        h = torch.cat((torch.full_like(idx[:, :1], self.buckets - 1), h), dim=1)
+        return self.scale * self.proj(self.emb(h))
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1-g) x_t + g x_{t-1}, g = sigmoid(w) per channel; g = 0 at a BOS token and at the first
+    position, so nothing leaks across documents or windows."""
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(dim))
+        self.bos_id = bos_id
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        g = torch.sigmoid(self.w).to(x.dtype) * (idx[:, 1:] != self.bos_id).unsqueeze(-1).to(x.dtype)
+        return torch.cat((x[:, :1], (1 - g) * x[:, 1:] + g * x[:, :-1]), dim=1)
+
+
+BOS_ID = 1
+
+
+class GPT(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim, n = args.model_dim, args.num_layers
+        self.softcap = args.logit_softcap
+        self.tok_emb = nn.Embedding(args.vocab_size, dim)
+        self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, dim) if args.bigram_vocab_size else None
+        self.smear = SmearGate(dim, BOS_ID) if args.smear_gate else None
+        self.blocks = nn.ModuleList(Block(args, i) for i in range(n))
+        self.n_enc = n // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, n - self.n_enc), dim))
+        self.vr_lambda = nn.Parameter(torch.full((n - 1, 2), 0.5)) if args.value_residual and n > 1 else None
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.normal_(self.tok_emb.weight, std=0.005)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                if getattr(m, "zero_init", False):
+                    nn.init.zeros_(m.weight)
+                elif min(m.weight.shape) >= 64:
+                    nn.init.orthogonal_(m.weight)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, idx)
+        x0, v0, skips = x, None, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.n_enc and skips:
+                x = x + self.skip_weights[i - self.n_enc] * skips.pop()
+            lam = self.vr_lambda[i - 1] if self.vr_lambda is not None and i > 0 else None
+            x, v = block(x, x0, v0, lam)
+            if i == 0:
+                v0 = v
+            if i < self.n_enc:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, h: Tensor) -> Tensor:
+        z = F.linear(h, self.tok_emb.weight).float()
+        return self.softcap * torch.tanh(z / self.softcap)
+
+    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
+        logits = self.logits(self.hidden(idx))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers
+
+
+def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """Muon: the matrices of the blocks and the bigram projection. AdamW: embeddings; the rest
+    (vectors and scalars) in a second AdamW group. Every parameter lands in exactly one group."""
+    groups = {"muon": [], "embed": [], "scalar": []}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if isinstance(module, nn.Linear):
+                groups["muon"].append(p)
+            elif isinstance(module, nn.Embedding):
+                groups["embed"].append(p)
+            else:
+                groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
+    g = param_groups(model)
+    # torch.optim.Muon: Nesterov momentum, 5 bf16 Newton-Schulz steps (3.4445, -4.7750, 2.0315),
+    # update scaled by sqrt(max(1, rows/cols)) ("original"), decoupled wd times the scheduled lr.
+    muon = torch.optim.Muon(g["muon"], lr=args.matrix_lr, weight_decay=args.muon_wd,
+                            momentum=args.muon_momentum_warmup_start, nesterov=True, adjust_lr_fn="original")
+    adam = torch.optim.AdamW([
+        {"params": g["embed"], "lr": args.tied_embed_lr, "weight_decay": args.adam_wd},
+        {"params": g["scalar"], "lr": args.scalar_lr, "weight_decay": 0.0},
+    ], betas=(0.9, 0.95), eps=1e-8, fused=torch.cuda.is_available() and g["embed"][0].is_cuda)
+    for opt in (muon, adam):
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return [muon, adam]
+
+
+def set_schedule(optimizers, args: Hyperparameters, step: int, lr_mult: float) -> None:
+    frac = min(1.0, step / args.muon_momentum_warmup_steps) if args.muon_momentum_warmup_steps else 1.0
+    momentum = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+            if isinstance(opt, torch.optim.Muon):
+                group["momentum"] = momentum
+
+
+def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """1, then a linear warmdown that reaches 0 exactly when the wall-clock budget (or ITERATIONS)
+    runs out; the wall-clock warmdown length is WARMDOWN_ITERS x the measured step time."""
+    if not args.warmdown_iters:
+        return 1.0
+    mult = max(0.0, (args.iterations - step) / args.warmdown_iters)
+    if args.max_wallclock_seconds > 0 and step > 0:
+        remaining_ms = max(0.0, 1000 * args.max_wallclock_seconds - elapsed_ms)
+        mult = min(mult, remaining_ms / (args.warmdown_iters * elapsed_ms / step))
+    return min(1.0, mult)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class Trainer:
+    def __init__(self, args: Hyperparameters, rt: Runtime, model: GPT, loader: BatchLoader, log: Logger):
+        self.args, self.rt, self.model, self.loader, self.log = args, rt, model, loader, log
+        self.optimizers = build_optimizers(model, args)
+        use_compile = args.compile if args.compile is not None else rt.is_cuda
+        fwd = torch.compile(model, fullgraph=True) if use_compile else model
+        self.fwd = DDP(fwd, device_ids=[rt.local_rank] if rt.is_cuda else None) if rt.world_size > 1 else fwd
+        self.params = list(model.parameters())
+
+    def step(self, step: int, lr_mult: float) -> float:
+        """One optimizer step over all accumulation micro-batches; returns the mean loss over ranks."""
+        set_schedule(self.optimizers, self.args, step, lr_mult)
+        micro_batches = self.loader.next_step()
+        total = torch.zeros((), device=self.rt.device)
+        for k, (x, y) in enumerate(micro_batches):
+            sync = k == len(micro_batches) - 1 or self.rt.world_size == 1
+            with (contextlib.nullcontext() if sync else self.fwd.no_sync()), self.rt.autocast():
+                loss = self.fwd(x, y)
+            (loss / len(micro_batches)).backward()
+            total += loss.detach()
+        if self.args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return self.rt.all_reduce(total / len(micro_batches)).item() / self.rt.world_size
+
+    def snapshot(self):
+        return (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
+                self.loader.stream.state())
+
+    def restore(self, snap) -> None:
+        self.model.load_state_dict(snap[0])
+        for opt, state in zip(self.optimizers, snap[1]):
+            opt.load_state_dict(state)
+        self.loader.stream.restore(snap[2])
+
+    def warmup(self) -> None:
+        """Compile and warm up on real steps, then undo them: weights, optimizer state and data position."""
+        if not self.args.warmup_steps:
+            return
+        snap = self.snapshot()
+        t0 = time.perf_counter()
+        for i in range(self.args.warmup_steps):
+            self.step(i, 1.0)
+        self.rt.sync()
+        self.restore(snap)
+        self.log(f"warmup_steps:{self.args.warmup_steps} warmup_ms:{1000 * (time.perf_counter() - t0):.0f} (undone)")
+
+    def train(self) -> dict:
+        args, rt = self.args, self.rt
+        ema = [p.detach().float().clone() for p in self.params]
+        budget_ms = 1000 * args.max_wallclock_seconds
+        tokens_per_step = args.train_batch_tokens
+        step, elapsed_ms, loss = 0, 0.0, float("nan")
+        rt.sync()
+        t0 = time.perf_counter()
+        while step < args.iterations:
+            mult = lr_multiplier(args, step, elapsed_ms)
+            loss = self.step(step, mult)
+            torch._foreach_lerp_(ema, [p.detach().float() for p in self.params], 1 - args.ema_decay)
+            step += 1
+            rt.sync()
+            elapsed_ms = 1000 * (time.perf_counter() - t0)
+            out_of_time = torch.tensor(float(budget_ms > 0 and elapsed_ms >= budget_ms), device=rt.device)
+            out_of_time = rt.all_reduce(out_of_time, dist.ReduceOp.MAX).item() > 0
+            if step % args.train_log_every == 0 or step == 1 or out_of_time or step == args.iterations:
+                self.log(f"step:{step}/{args.iterations} train_loss:{loss:.4f} lr_mult:{mult:.4f} "
+                         f"train_time_ms:{elapsed_ms:.0f} step_ms:{elapsed_ms / step:.2f} "
+                         f"tok_s:{tokens_per_step * step / (elapsed_ms / 1000):.0f}")
+            if out_of_time:
+                self.log(f"stopping_early: wallclock cap MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g} "
+                         f"reached at step {step}")
+                break
+        with torch.no_grad():
+            for p, e in zip(self.params, ema):
+                p.copy_(e.to(p.dtype))
+        if rt.is_cuda:
+            self.log(f"peak_memory_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}")
+        return {"steps": step, "train_seconds": elapsed_ms / 1000, "train_loss": loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: mixed int5/int6 per-row quantization, deterministic serialization, zstd-22
+
+ARTIFACT_FORMAT = "pgolf-mixed-int-v1"
+CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75)
+FP16_MAX_ELEMENTS = 8192
+
+
+def quant_levels(name: str, t: Tensor) -> int:
+    """qmax for a tensor (0: keep fp16). int5 for MLP matrices, int6 for attention, the bigram
+    projection and the bigram table; the tied embedding (also the output head) and small tensors fp16."""
+    if t.ndim != 2 or t.numel() <= FP16_MAX_ELEMENTS or name == "tok_emb.weight":
+        return 0
+    return 15 if ".mlp." in name else 31
+
+
+def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row quantization; each row keeps the clip ratio with the least squared error
+    (with the scale rounded to fp16, as it is stored)."""
+    w = w.float()
+    row_max = w.abs().amax(dim=1)
+    best_q, best_s, best_err = None, None, None
+    for ratio in CLIP_RATIOS:
+        scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)
+        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+        err = (q * scale[:, None] - w).square().sum(dim=1)
+        if best_err is None:
+            best_q, best_s, best_err = q, scale, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better[:, None], q, best_q)
+            best_s = torch.where(better, scale, best_s)
+            best_err = torch.where(better, err, best_err)
+    return best_q.to(torch.int8), best_s.half()
+
+
+def quantize_state(state: dict[str, Tensor]) -> dict[str, tuple]:
+    out = {}
+    for name in sorted(state):
+        t = state[name].detach().cpu()
+        qmax = quant_levels(name, t)
+        out[name] = ("int", qmax, *quantize_rows(t, qmax)) if qmax else ("fp16", 0, t.half(), None)
+    return out
+
+
+def dequantize_state(quantized: dict[str, tuple]) -> dict[str, Tensor]:
+    return {name: (q.float() * s.float()[:, None]) if kind == "int" else q.float()
+            for name, (kind, _, q, s) in quantized.items()}
+
+
+def serialize_artifact(quantized: dict[str, tuple], config: dict) -> bytes:
+    """JSON header (shapes, kinds, model config) then raw little-endian blobs, grouped by kind so zstd
+    sees like with like. Same weights, same bytes."""
+    entries, blobs = [], []
+    for name, (kind, qmax, q, s) in quantized.items():
+        entries.append([name, kind, qmax, list(q.shape)])
+        blobs.append(q.contiguous().numpy().tobytes())
+    blobs += [s.contiguous().numpy().tobytes() for (kind, _, _, s) in quantized.values() if kind == "int"]
+    header = json.dumps({"format": ARTIFACT_FORMAT, "config": config, "tensors": entries}, sort_keys=True).encode()
+    raw = len(header).to_bytes(4, "little") + header + b"".join(blobs)
+    return zstandard.ZstdCompressor(level=22).compress(raw)
+
+
+def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
+    """Returns (model config, dequantized state). Anything malformed is a UsageError naming the file."""
+    if not os.path.isfile(path):
+        raise UsageError(f"artifact {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            raw = zstandard.ZstdDecompressor().decompress(f.read())
+        n = int.from_bytes(raw[:4], "little")
+        header = json.loads(raw[4:4 + n])
+        if header.get("format") != ARTIFACT_FORMAT:
+            raise ValueError("unknown format")
+        offset, quantized = 4 + n, {}
+        for name, kind, qmax, shape in header["tensors"]:
+            numel, dtype = math.prod(shape), np.int8 if kind == "int" else np.float16
+            arr = np.frombuffer(raw, dtype=dtype, count=numel, offset=offset).reshape(shape)
+            offset += arr.nbytes
+            quantized[name] = [kind, qmax, torch.from_numpy(arr.copy()), None]
+        for name, (kind, _, q, _) in quantized.items():
+            if kind == "int":
+                quantized[name][3] = torch.from_numpy(np.frombuffer(raw, np.float16, q.shape[0], offset).copy())
+                offset += 2 * q.shape[0]
+        if offset != len(raw):
+            raise ValueError("trailing bytes")
+    except (zstandard.ZstdError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise UsageError(f"artifact {path} is corrupt ({type(e).__name__}: {e})") from None
+    return header["config"], dequantize_state(quantized)
+
+
+def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger) -> dict:
+    """Quantize, compress and write the artifact (rank 0), then account its bytes. Over the cap is a
+    failure, raised only after the artifact and the log line are written."""
+    blob = serialize_artifact(quantize_state(model.state_dict()), args.model_config())
+    if rt.master:
+        with open(args.artifact_path, "wb") as f:
+            f.write(blob)
+    if rt.world_size > 1:
+        dist.barrier()
+    with open(os.path.abspath(__file__), "rb") as f:
+        code_bytes = len(f.read())
+    sizes = {"bytes_code": code_bytes, "bytes_model": len(blob), "bytes_total": code_bytes + len(blob)}
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"artifact bytes_code:{code_bytes} bytes_model:{len(blob)} bytes_total:{sizes['bytes_total']} "
+        f"path:{args.artifact_path} bytes_per_param:{len(blob) / n_params:.4f}")
+    if sizes["bytes_total"] > args.artifact_limit_bytes:
+        raise EvalFailure(f"artifact is over the limit: bytes_total {sizes['bytes_total']} > "
+                          f"ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes} (artifact kept at {args.artifact_path})")
+    return sizes
+
+
+def load_artifact_model(args: Hyperparameters, rt: Runtime) -> GPT:
+    config, state = deserialize_artifact(args.artifact_path)
+    args.apply_model_config(config)
+    model = GPT(args).to(rt.device)
+    missing = set(model.state_dict()) ^ set(state)
+    if missing:
+        raise UsageError(f"artifact {args.artifact_path} is corrupt: tensors {sorted(missing)[:4]} do not match the model")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: full-coverage sliding window, exact n-gram backoff, built-in audit
+
+
+def window_plan(n_tokens: int, seq_len: int, stride: int) -> Tensor:
+    """Window ends. Window w feeds tokens [max(0, end_w - seq_len), end_w) and scores the targets at
+    positions (end_{w-1}, end_w] (end_{-1} = 0): every target 1..N-1 exactly once, the first window
+    all its positions, each later one only the positions no earlier window scored."""
+    last = n_tokens - 1
+    first = min(seq_len, last)
+    return torch.cat((torch.arange(first, last, stride), torch.tensor([last])))
+
+
+def prefix_counts(keys: Tensor) -> Tensor:
+    """For each i: the number of j < i with keys[j] == keys[i]. One stable sort, O(N log N)."""
+    order = torch.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    idx = torch.arange(len(keys), device=keys.device)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    rank_sorted = idx - torch.cummax(torch.where(starts, idx, 0), dim=0).values
+    out = torch.empty_like(idx)
+    out[order] = rank_sorted
+    return out
+
+
+def ngram_tables(tokens: Tensor, vocab: int, min_order: int, max_order: int, min_count: int) -> tuple[Tensor, Tensor]:
+    """For every position t of the stream: the backoff order used (0: none) and p_ng(x_t) =
+    c(ctx, x_t) / c(ctx), counting only earlier positions s < t. Contexts get exact dense ids (the
+    order-n id re-ranks (order n-1 id, one more token back)), so no two contexts share a count; the
+    order is the highest whose context count reaches min_count, chosen without looking at x_t."""
+    n = len(tokens)
+    order = torch.zeros(n, dtype=torch.int8, device=tokens.device)
+    p_ng = torch.zeros(n, dtype=torch.float64, device=tokens.device)
+    ctx = tokens[:-1].clone()  # context ids for length-1 contexts, aligned to positions 1..n-1
+    for k in range(1, max_order):  # k = context length, order k + 1
+        if k > 1:
+            if n <= k:
+                break
+            ctx = torch.unique(ctx[1:] * vocab + tokens[:n - k], return_inverse=True)[1]
+        if k + 1 < min_order:
+            continue
+        target = tokens[k:]
+        c_ctx = prefix_counts(ctx)
+        c_joint = prefix_counts(ctx * vocab + target)
+        hit = c_ctx >= min_count
+        order[k:][hit] = k + 1
+        p_ng[k:][hit] = c_joint[hit].double() / c_ctx[hit].double()
+    return order, p_ng
+
+
+def ngram_alpha(entropy: Tensor, args: Hyperparameters) -> Tensor:
+    return args.ngram_ent_base + args.ngram_ent_range * torch.sigmoid(args.ngram_ent_scale * (entropy - args.ngram_ent_thresh))
+
+
+def mix(p_model: Tensor, p_ng: Tensor, matched: Tensor, alpha: Tensor) -> Tensor:
+    return torch.where(matched, (1 - alpha) * p_model + alpha * p_ng, p_model)
+
+
+def brute_force_ngram(tokens: Tensor, t: int, vocab: int, args: Hyperparameters) -> tuple[Tensor | None, int]:
+    """The full n-gram distribution at t rebuilt from the prefix tokens[:t] by direct comparison."""
+    for n in range(args.ngram_max_order, args.ngram_min_order - 1, -1):
+        k = n - 1
+        if t < k + 1:
+            continue
+        windows = tokens[:t - 1].unfold(0, k, 1)  # windows[i] = tokens[i:i+k], context of position i+k
+        match = (windows == tokens[t - k:t]).all(dim=1)
+        if int(match.sum()) >= args.ngram_min_count:
+            counts = torch.bincount(tokens[k:t][match], minlength=vocab).double()
+            return counts / counts.sum(), n
+    return None, 0
+
+
+def audit_ngram(records: list, tokens: Tensor, vocab: int, args: Hyperparameters, dist_fn=brute_force_ngram) -> dict:
+    """For each recorded position: rebuild the whole V-way mixed distribution independently, check
+    it sums to 1, and that the fast path's p(x_t) and order equal its entry."""
+    sum_err, target_err, order_mismatch = 0.0, 0.0, 0
+    for t, logp_row, p_fast, order_fast in records:
+        p_model = logp_row.double().exp()
+        entropy = -(p_model * logp_row.double()).sum()
+        dist_ng, order = dist_fn(tokens, t, vocab, args)
+        p_mix = p_model if dist_ng is None else mix(p_model, dist_ng, torch.tensor(True), ngram_alpha(entropy, args))
+        sum_err = max(sum_err, abs(float(p_mix.sum()) - 1.0))
+        target_err = max(target_err, abs(float(p_mix[tokens[t]]) - p_fast))
+        order_mismatch += int(order != order_fast)
+    return {"positions": len(records), "max_sum_err": sum_err, "max_target_err": target_err,
+            "order_mismatch": order_mismatch}
+
+
+def audit_positions(order: Tensor, count: int, seed: int) -> set[int]:
+    """Half uniform over all targets, half over targets where an n-gram context matched."""
+    rng = np.random.default_rng(seed)
+    n = len(order)
+    picks = set(rng.choice(np.arange(1, n), size=min(count - count // 2, n - 1), replace=False).tolist())
+    matched = torch.nonzero(order[1:] > 0).flatten().cpu().numpy() + 1
+    if len(matched):
+        picks |= set(rng.choice(matched, size=min(count // 2, len(matched)), replace=False).tolist())
+    return picks
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def passed(self) -> bool:
+        return self.seconds > 0 and self.elapsed() > self.seconds
+
+
+def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger, *, label: str,
+             seq_len: int, stride: int, deadline: Deadline, ngram=None, audit: set | None = None,
+             dump: bool = False) -> dict:
+    """Score every target of the validation stream once, in windows split across ranks. With `ngram`
+    (order, p_ng tables), also the entropy-adaptive mixture, from the same model pass."""
+    t0 = time.perf_counter()
+    n_tok = len(val)
+    val_dev = val.to(rt.device)
+    ends = window_plan(n_tok, seq_len, stride)
+    prev_ends = torch.cat((torch.zeros(1, dtype=torch.int64), ends[:-1]))
+    lo, hi = len(ends) * rt.rank // rt.world_size, len(ends) * (rt.rank + 1) // rt.world_size
+    use_compile = args.compile if args.compile is not None else rt.is_cuda
+    hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else model.hidden
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # nll, mixed nll, bytes, count
+    dumps, records = [], []
+    B, last_report = args.eval_batch_seqs, time.perf_counter()
+    complete = True
+    model.eval()
+    with torch.no_grad():
+        for b in range(lo, hi, B):
+            if deadline.passed():
+                complete = False
+                break
+            e = ends[b:min(b + B, hi)]
+            pe = prev_ends[b:min(b + B, hi)]
+            n_scored = e - pe
+            pad = B - len(e)  # pad the last batch with copies that score nothing: one compiled shape
+            if pad:
+                e, n_scored = torch.cat((e, e[-1:].repeat(pad))), torch.cat((n_scored, torch.zeros(pad, dtype=torch.int64)))
+            length = min(seq_len, int(e[0]))
+            starts = (e - length).to(rt.device)
+            offs = torch.arange(length, device=rt.device)
+            inputs = val_dev[starts[:, None] + offs]
+            with rt.autocast():
+                h = hidden_fn(inputs)
+            mask = offs[None, :] >= (length - n_scored.to(rt.device))[:, None]
+            pos = (starts[:, None] + offs + 1)[mask]
+            logp = torch.log_softmax(model.logits(h[mask]), dim=-1)
+            tgt = val_dev[pos]
+            nll = -logp.gather(1, tgt[:, None]).squeeze(1).double()
+            entropy = -(logp.exp() * logp).sum(-1).double()
+            nbytes = target_bytes(val_dev[pos - 1], tgt, luts).double()
+            sums[0] += nll.sum()
+            sums[2] += nbytes.sum()
+            sums[3] += len(pos)
+            if ngram is not None:
+                order, p_tab = ngram[0][pos], ngram[1][pos]
+                alpha = ngram_alpha(entropy, args)
+                p_mixed = mix(torch.exp(-nll), p_tab, order > 0, alpha)
+                nll_mixed = -torch.log(p_mixed)
+                sums[1] += nll_mixed.sum()
+                if audit:
+                    for i in torch.nonzero(torch.isin(pos, torch.tensor(sorted(audit), device=rt.device))).flatten().tolist():
+                        records.append((int(pos[i]), logp[i].cpu(), float(p_mixed[i]), int(order[i])))
+                if dump:
+                    dumps.append({"pos": pos, "target": tgt, "nll_model": nll, "entropy": entropy,
+                                  "order": order.to(torch.int64), "p_ng": torch.where(order > 0, p_tab, torch.nan),
+                                  "alpha": torch.where(order > 0, alpha, torch.nan), "nll_mixed": nll_mixed})
+            if rt.master and time.perf_counter() - last_report > 30:
+                last_report = time.perf_counter()
+                done = (b - lo + B) / max(1, hi - lo)
+                el = deadline.elapsed()
+                log(f"eval_progress {label} coverage:{min(done, 1):.4f} elapsed_s:{el:.0f} "
+                    f"eta_s:{(time.perf_counter() - t0) * (1 - done) / max(done, 1e-9):.0f}")
+    rt.all_reduce(sums)
+    n_scored_total = int(sums[3].item())
+    coverage = n_scored_total / (n_tok - 1)
+    complete = complete and n_scored_total == n_tok - 1
+    result = {"tokens": n_scored_total, "bytes": int(sums[2].item()), "coverage": coverage, "complete": complete,
+              "eval_ms": 1000 * (time.perf_counter() - t0)}
+    for key, s in (("model", sums[0]), ("mixed", sums[1])):
+        result[f"loss_{key}"] = s.item() / max(n_scored_total, 1)
+        result[f"bpb_{key}"] = s.item() / math.log(2) / max(sums[2].item(), 1)
+    result["records"] = records
+    if dump:
+        local = {k: torch.cat([d[k] for d in dumps]).cpu().numpy() if dumps else np.zeros(0) for k in
+                 ("pos", "target", "nll_model", "entropy", "order", "p_ng", "alpha", "nll_mixed")}
+        result["dump"] = rt.gather_objects(local)
+    return result
+
+
+def final_line(kind: str, res: dict, which: str = "model") -> str:
+    head = f"final_{kind}"
+    tail = f"tokens:{res['tokens']} bytes:{res['bytes']} coverage:{res['coverage']:.6f} eval_ms:{res['eval_ms']:.0f}"
+    if not res["complete"]:
+        return f"{head} INCOMPLETE {tail}"
+    return f"{head} val_loss:{res['loss_' + which]:.8f} val_bpb:{res['bpb_' + which]:.8f} {tail}"
+
+
+def write_dump(path: str, parts: list[dict]) -> None:
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(merged["pos"], kind="stable")
+    np.savez(path, **{k: v[order] for k, v in merged.items()})
+
+
+def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger,
+                   deadline: Deadline, timings: dict) -> dict:
+    """The submission's score: sliding window, and its n-gram mixture, with the audit."""
+    ngram, audit = None, None
+    if args.ngram:
+        t0 = time.perf_counter()
+        ngram = ngram_tables(val.to(rt.device), args.vocab_size, args.ngram_min_order, args.ngram_max_order,
+                             args.ngram_min_count)
+        rt.sync()
+        timings["ngram_precompute_ms"] = 1000 * (time.perf_counter() - t0)
+        audit = audit_positions(ngram[0], args.ngram_audit_positions, args.seed) if args.ngram_audit_positions else None
+    res = evaluate(model, val, luts, args, rt, log, label="sliding", seq_len=args.eval_seq_len,
+                   stride=args.eval_stride, deadline=deadline, ngram=ngram, audit=audit,
+                   dump=bool(args.eval_dump_path))
+    timings["sliding_ms"] = res["eval_ms"]
+    log(final_line("sliding", res, "model"))
+    if args.ngram:
+        t0 = time.perf_counter()
+        rep = audit_ngram(res["records"], val.to(rt.device), args.vocab_size, args)
+        parts = rt.gather_objects(rep)
+        rep = {"positions": sum(p["positions"] for p in parts), "order_mismatch": sum(p["order_mismatch"] for p in parts),
+               "max_sum_err": max(p["max_sum_err"] for p in parts), "max_target_err": max(p["max_target_err"] for p in parts)}
+        timings["audit_ms"] = 1000 * (time.perf_counter() - t0)
+        tol = 1e-4 if rt.is_cuda else 1e-6  # bf16 autocast on CUDA, fp32 on CPU
+        log(f"ngram_audit positions:{rep['positions']} max_sum_err:{rep['max_sum_err']:.3e} "
+            f"max_target_err:{rep['max_target_err']:.3e} order_mismatch:{rep['order_mismatch']} tol:{tol:g}")
+        res["ngram_res"] = dict(res, eval_ms=res["eval_ms"] + timings["ngram_precompute_ms"])
+        log(final_line("ngram", res["ngram_res"], "mixed"))
+        if rep["max_sum_err"] > tol or rep["max_target_err"] > tol or rep["order_mismatch"]:
+            raise EvalFailure(f"n-gram audit failed: {rep}")
+    if args.eval_dump_path and rt.master:
+        write_dump(args.eval_dump_path, res["dump"])
+        log(f"eval_dump path:{args.eval_dump_path} tokens:{res['tokens']}")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def log_header(args: Hyperparameters, rt: Runtime, log: Logger) -> None:
+    with open(os.path.abspath(__file__), encoding="utf-8") as f:
+        log(f.read(), console=False)
+    log("=" * 100, console=False)
+    for key in sorted(vars(args)):
+        log(f"hparam {key}:{getattr(args, key)}")
+    name = torch.cuda.get_device_name(rt.device) if rt.is_cuda else "cpu"
+    log(f"env torch:{torch.__version__} device:{rt.device} device_name:{name} world_size:{rt.world_size} "
+        f"grad_accum_steps:{args.grad_accum_steps}")
+
+
+def write_submission(args: Hyperparameters, rt: Runtime, fields: dict, log: Logger) -> None:
+    if not rt.master:
+        return
+    sub = {"name": f"10L XSA+VRL+BigramHash+SmearGate, int5/int6+zstd, exact n-gram backoff (run {args.run_id})",
+           "author": args.author or None, "github_id": args.github_id or None,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "seed": args.seed, "world_size": rt.world_size,
+           "device": torch.cuda.get_device_name(rt.device) if rt.is_cuda else "cpu", **fields}
+    with open(args.submission_path, "w", encoding="utf-8") as f:
+        json.dump(sub, f, indent=2)
+    log(f"submission path:{args.submission_path}")
+
+
+def run() -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = Hyperparameters(world_size)
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    if not args.eval_only:
+        train_paths = find_shards(args.data_path, "train")
+    val_paths = find_shards(args.data_path, "val")
+    rt = Runtime(args.device)
+    validate_shards(val_paths if args.eval_only else train_paths + val_paths, args.vocab_size, rt)
+    log = Logger(args, rt)
+    log_header(args, rt, log)
+    torch.manual_seed(args.seed + 0)
+    np.random.seed(args.seed)
+    val = load_validation(args, rt)
+    luts = tuple(torch.from_numpy(a).to(rt.device) for a in byte_luts(sp))
+    log(f"val_tokens:{len(val)} val_targets:{len(val) - 1}")
+    fields: dict = {}
+    if not args.eval_only:
+        model = GPT(args).to(rt.device)
+        groups = param_groups(model)
+        log(f"model_params:{sum(p.numel() for p in model.parameters())} " +
+            " ".join(f"{k}:{sum(p.numel() for p in v)}" for k, v in groups.items()))
+        trainer = Trainer(args, rt, model, BatchLoader(train_paths, args, rt), log)
+        trainer.warmup()
+        stats = trainer.train()
+        fields.update(steps=stats["steps"], train_seconds=round(stats["train_seconds"], 3))
+        pre = evaluate(model, val, luts, args, rt, log, label="prequant", seq_len=args.train_seq_len,
+                       stride=args.train_seq_len, deadline=Deadline(0))
+        log(final_line("prequant", pre))
+        fields.update(export_artifact(model, args, rt, log))
+        del trainer, model
+    deadline = Deadline(args.eval_budget_seconds)
+    timings: dict = {}
+    t0 = time.perf_counter()
+    model = load_artifact_model(args, rt)
+    timings["load_ms"] = 1000 * (time.perf_counter() - t0)
+    rt_res = evaluate(model, val, luts, args, rt, log, label="roundtrip", seq_len=args.train_seq_len,
+                      stride=args.train_seq_len, deadline=deadline)
+    timings["roundtrip_ms"] = rt_res["eval_ms"]
+    log(final_line("roundtrip", rt_res))
+    res = run_final_eval(model, val, luts, args, rt, log, deadline, timings)
+    timings["total_ms"] = 1000 * deadline.elapsed()
+    log("eval_time " + " ".join(f"{k}:{v:.0f}" for k, v in timings.items()) + f" budget_s:{args.eval_budget_seconds:g}")
+    final = res.get("ngram_res", res)
+    if not (rt_res["complete"] and res["complete"]):
+        log(f"eval INCOMPLETE: coverage {res['coverage']:.6f} inside EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g}; "
+            "no score is reported")
+        raise EvalFailure("evaluation did not cover the whole validation split within its budget")
+    fields.update(val_bpb=round(final["bpb_mixed" if args.ngram else "bpb_model"], 8),
+                  val_bpb_sliding=round(res["bpb_model"], 8),
+                  val_loss=round(final["loss_mixed" if args.ngram else "loss_model"], 8),
+                  eval_seconds=round(timings["total_ms"] / 1000, 3))
+    write_submission(args, rt, fields, log)
+
+
+def main() -> int:
+    try:
+        run()
+        code = 0
+    except UsageError as e:
+        code, msg = 2, str(e)
+    except EvalFailure as e:
+        code, msg = 3, str(e)
+    if code and os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -934,6 +934,16 @@ def audit_positions(order: Tensor, count: int, seed: int) -> set[int]:
     return picks
 
 
+def eval_forward(model: GPT, args: Hyperparameters, rt: Runtime):
+    """model.hidden, compiled once per model on CUDA so the passes that share its shapes share the compile."""
+    use_compile = args.compile if args.compile is not None else rt.is_cuda
+    if not use_compile:
+        return model.hidden
+    if not hasattr(model, "_compiled_hidden"):
+        model._compiled_hidden = torch.compile(model.hidden, dynamic=False)
+    return model._compiled_hidden
+
+
 class Deadline:
     def __init__(self, seconds: float):
         self.t0, self.seconds = time.perf_counter(), seconds
@@ -956,8 +966,8 @@ def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, 
     ends = window_plan(n_tok, seq_len, stride)
     prev_ends = torch.cat((torch.zeros(1, dtype=torch.int64), ends[:-1]))
     lo, hi = len(ends) * rt.rank // rt.world_size, len(ends) * (rt.rank + 1) // rt.world_size
-    use_compile = args.compile if args.compile is not None else rt.is_cuda
-    hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else model.hidden
+    hidden_fn = eval_forward(model, args, rt)
+    audit_pos = torch.tensor(sorted(audit or ()), dtype=torch.int64, device=rt.device)
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # nll, mixed nll, bytes, count
     dumps, records = [], []
     B, last_report = args.eval_batch_seqs, time.perf_counter()
@@ -996,19 +1006,18 @@ def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, 
                 p_mixed = mix(torch.exp(-nll), p_tab, order > 0, alpha)
                 nll_mixed = -torch.log(p_mixed)
                 sums[1] += nll_mixed.sum()
-                if audit:
-                    for i in torch.nonzero(torch.isin(pos, torch.tensor(sorted(audit), device=rt.device))).flatten().tolist():
+                if len(audit_pos):
+                    for i in torch.nonzero(torch.isin(pos, audit_pos)).flatten().tolist():
                         records.append((int(pos[i]), logp[i].cpu(), float(p_mixed[i]), int(order[i])))
                 if dump:
                     dumps.append({"pos": pos, "target": tgt, "nll_model": nll, "entropy": entropy,
                                   "order": order.to(torch.int64), "p_ng": torch.where(order > 0, p_tab, torch.nan),
                                   "alpha": torch.where(order > 0, alpha, torch.nan), "nll_mixed": nll_mixed})
-            if rt.master and time.perf_counter() - last_report > 30:
+            if rt.master and time.perf_counter() - last_report > 10:
                 last_report = time.perf_counter()
-                done = (b - lo + B) / max(1, hi - lo)
-                el = deadline.elapsed()
-                log(f"eval_progress {label} coverage:{min(done, 1):.4f} elapsed_s:{el:.0f} "
-                    f"eta_s:{(time.perf_counter() - t0) * (1 - done) / max(done, 1e-9):.0f}")
+                done = min(1.0, (b - lo + B) / max(1, hi - lo))
+                log(f"eval_progress {label} coverage:{done:.4f} elapsed_s:{deadline.elapsed():.0f} "
+                    f"eta_s:{(time.perf_counter() - t0) * (1 - done) / done:.0f}")
     rt.all_reduce(sums)
     n_scored_total = int(sums[3].item())
     coverage = n_scored_total / (n_tok - 1)
@@ -1115,7 +1124,7 @@ def run() -> None:
     validate_shards(val_paths if args.eval_only else train_paths + val_paths, args.vocab_size, rt)
     log = Logger(args, rt)
     log_header(args, rt, log)
-    torch.manual_seed(args.seed + 0)
+    torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     val = load_validation(args, rt)
     luts = tuple(torch.from_numpy(a).to(rt.device) for a in byte_luts(sp))

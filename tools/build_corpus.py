@@ -3,7 +3,8 @@
     python tools/build_corpus.py --out data/demo --synthetic 3000            # generated English-like text
     python tools/build_corpus.py --out data/mine --text a.txt b.txt          # your own files
 
-Documents: one per paragraph (blank-line separated) of each text file. The first --val-docs documents
+Documents: one per paragraph of each text file (paragraphs are separated by a blank line or by a
+line holding only '%', the format of fortune(6) files). The first --val-docs documents
 go to fineweb_val_000000.bin, the rest to fineweb_train_*.bin; each document is stored as
 [BOS=1] + tokens, as the challenge's exporter does. The tokenizer uses the challenge's sp1024 trainer
 options (BPE, byte fallback, split digits, nmt_nfkc, no dummy prefix, pad/bos/eos/unk = 0/1/2/3).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 
 import numpy as np
 import sentencepiece as spm
@@ -50,7 +52,7 @@ def read_documents(paths: list[str]) -> list[str]:
     docs = []
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:
-            docs += [p.strip() for p in f.read().split("\n\n") if p.strip()]
+            docs += [p.strip() for p in re.split(r"\n[ \t]*\n|\n%\n", f.read()) if p.strip()]
     return docs
 
 
@@ -97,6 +99,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="output folder for shards and tokenizer")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", nargs="+", help="UTF-8 text files; paragraphs become documents")
+    ap.add_argument("--shuffle", action="store_true", help="shuffle documents (seeded) before the val split")
     src.add_argument("--synthetic", type=int, help="number of generated documents")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--val-docs", type=int, default=200)
@@ -104,6 +107,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     docs = read_documents(a.text) if a.text else synthetic_documents(a.synthetic, a.seed)
+    if a.shuffle:
+        random.Random(a.seed).shuffle(docs)
     if len(docs) <= a.val_docs:
         ap.error(f"only {len(docs)} documents: need more than --val-docs={a.val_docs}")
     info = build(docs, a.out, a.vocab_size, a.val_docs, a.shard_tokens)

@@ -1,0 +1,95 @@
+"""Shared fixtures: a generated corpus in the challenge's real shard format, a tiny configuration,
+and helpers that run train_gpt.py as a subprocess (one process or torchrun with gloo)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_gpt.py")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import build_corpus  # noqa: E402
+
+VOCAB = 512
+
+# A model small enough for a 2-core CPU; every architectural part stays switched on.
+TINY = {
+    "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    "MLP_MULT": "2", "ROPE_DIMS": "8", "XSA_LAST_N": "1", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16",
+    "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "ITERATIONS": "10", "WARMUP_STEPS": "2",
+    "WARMDOWN_ITERS": "5", "TRAIN_LOG_EVERY": "1", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "16",
+    "EVAL_BATCH_SEQS": "16", "NGRAM_AUDIT_POSITIONS": "32", "EMA_DECAY": "0.5", "MAX_WALLCLOCK_SECONDS": "0",
+}
+
+
+def tiny_args(**overrides):
+    """A Hyperparameters built in-process from TINY (+ overrides), restoring the environment after."""
+    import train_gpt
+    saved = dict(os.environ)
+    try:
+        os.environ.update(TINY)
+        os.environ.update({k: str(v) for k, v in overrides.items()})
+        return train_gpt.Hyperparameters()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """1,500 generated documents (100 for validation), a 512-piece BPE with byte fallback, shards."""
+    out = tmp_path_factory.mktemp("corpus")
+    docs = build_corpus.synthetic_documents(1500, seed=0)
+    info = build_corpus.build(docs, str(out), VOCAB, val_docs=100, shard_tokens=40_000)
+    info.update(path=str(out), docs=docs, val_docs=docs[:100])
+    return info
+
+
+def script_env(corpus, cwd, **overrides) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "PYTHONPATH", "LANG")}
+    env.update(TINY)
+    env.update(DATA_PATH=corpus["path"], TOKENIZER_PATH=corpus["tokenizer"], LOG_DIR=os.path.join(cwd, "logs"),
+               ARTIFACT_PATH=os.path.join(cwd, "final_model.ptz"), SUBMISSION_PATH=os.path.join(cwd, "submission.json"),
+               RUN_ID="test", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def run_script(corpus, cwd, nproc: int = 1, timeout: int = 240, **overrides) -> subprocess.CompletedProcess:
+    """Run train_gpt.py in `cwd` with the tiny config; nproc > 1 goes through torchrun (gloo on CPU)."""
+    cmd = [sys.executable, SCRIPT] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
+    return subprocess.run(cmd, cwd=str(cwd), env=script_env(corpus, str(cwd), **overrides), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+FINAL_RE = re.compile(r"^final_(\w+) val_loss:(\S+) val_bpb:(\S+) tokens:(\d+) bytes:(\d+) coverage:(\S+) eval_ms:(\d+)$", re.M)
+
+
+def finals(stdout: str) -> dict:
+    """{kind: {val_loss, val_bpb, tokens, bytes, coverage, eval_ms}} from the fixed-format final lines."""
+    out = {}
+    for kind, loss, bpb, tokens, nbytes, cov, ms in FINAL_RE.findall(stdout):
+        out[kind] = {"val_loss": float(loss), "val_bpb": float(bpb), "tokens": int(tokens), "bytes": int(nbytes),
+                     "coverage": float(cov), "eval_ms": int(ms)}
+    return out
+
+
+def step_losses(stdout: str) -> list[float]:
+    return [float(x) for x in re.findall(r"^step:\d+/\d+ train_loss:(\S+)", stdout, re.M)]
+
+
+@pytest.fixture(scope="session")
+def trained_run(corpus, tmp_path_factory):
+    """One tiny end-to-end run (train, export, round trip, sliding + n-gram eval, dump), shared by tests."""
+    cwd = tmp_path_factory.mktemp("trained")
+    proc = run_script(corpus, cwd, EVAL_DUMP_PATH=str(cwd / "dump.npz"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"cwd": cwd, "stdout": proc.stdout, "finals": finals(proc.stdout), "artifact": cwd / "final_model.ptz",
+            "dump": cwd / "dump.npz", "log": cwd / "logs" / "test.txt"}

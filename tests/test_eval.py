@@ -1,0 +1,664 @@
+"""The evaluation is exact and legal: every target scored once (C4), by a distribution that is causal
+(C1), normalized (C2) and fixed before the target is looked at (C3). These tests check the sliding
+window plan, `evaluate` under batch sizes and simulated world sizes, the fast n-gram tables against a
+slow dictionary reference, the normalization audit (and that it can fail), causality, the dump, the
+2-process path and the refusal to report a partial score."""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import shutil
+import subprocess
+import sys
+import unicodedata
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from conftest import SCRIPT, finals, run_script, script_env, tiny_args
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers written for the tests
+
+
+class FakeRuntime:
+    """Stands in for train_gpt.Runtime: one simulated rank of `world_size`, on the CPU. all_reduce is
+    the identity (each rank's sums are summed by the test) but keeps a copy of what it was given."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device("cpu")
+        self.is_cuda = False
+        self.master = rank == 0
+        self.reduced: list[torch.Tensor] = []
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def sync(self):
+        pass
+
+    def all_reduce(self, t, op=None):
+        self.reduced.append(t.detach().clone())
+        return t
+
+    def gather_objects(self, obj):
+        return [obj]
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+def random_model(seed: int) -> train_gpt.GPT:
+    """A tiny GPT whose every weight is random (the zero-initialised projections and bigram table too),
+    so each prediction depends on the whole visible context, not only on the last token or two."""
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(tiny_args())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                std = 0.3 if name == "tok_emb.weight" else 1.0 / math.sqrt(p.shape[-1])
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def luts(corpus):
+    sp = train_gpt.load_tokenizer(corpus["tokenizer"], corpus["vocab_size"])
+    return tuple(torch.from_numpy(a) for a in train_gpt.byte_luts(sp))
+
+
+def run_eval(model, val, luts, args, world_size, seq_len, stride, ngram=None, deadline=0):
+    """`evaluate` called once per simulated rank; returns the per-rank results and runtimes."""
+    out = []
+    for r in range(world_size):
+        rt = FakeRuntime(r, world_size)
+        res = train_gpt.evaluate(model, val, luts, args, rt, quiet, label="test", seq_len=seq_len, stride=stride,
+                                 deadline=train_gpt.Deadline(deadline), ngram=ngram, dump=True)
+        out.append((res, rt))
+    return out
+
+
+def merged_dump(per_rank) -> dict:
+    parts = [res["dump"][0] for res, _ in per_rank]
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(merged["pos"], kind="stable")
+    return {k: v[order] for k, v in merged.items()}
+
+
+def my_window_end(p: int, n_tokens: int, seq_len: int, stride: int) -> int:
+    """Independent closed form: the first window ends at min(seq_len, N-1); later ones every `stride`
+    tokens after it, the last one clipped to N-1. Target p is scored by the first window ending >= p."""
+    last = n_tokens - 1
+    first = min(seq_len, last)
+    if p <= first:
+        return first
+    return min(last, first + -(-(p - first) // stride) * stride)
+
+
+def slow_ngram(tokens: list[int], min_order: int, max_order: int, min_count: int, keep_dists_at=()):
+    """Reference n-gram backoff in plain dicts, one position at a time: choose the order and read
+    p(x_t) from counts of earlier positions only, then add position t to the counts."""
+    ctx_count = {n: {} for n in range(min_order, max_order + 1)}
+    joint_count = {n: {} for n in range(min_order, max_order + 1)}
+    orders, probs, dists = [0] * len(tokens), [0.0] * len(tokens), {}
+    for t in range(len(tokens)):
+        x = tokens[t]
+        for n in range(max_order, min_order - 1, -1):
+            if t < n - 1:
+                continue
+            ctx = tuple(tokens[t - n + 1:t])
+            c = ctx_count[n].get(ctx, 0)
+            if c >= min_count:
+                orders[t] = n
+                probs[t] = joint_count[n].get((ctx, x), 0) / c
+                if t in keep_dists_at:
+                    dists[t] = {v: k / c for (cx, v), k in joint_count[n].items() if cx == ctx}
+                break
+        for n in range(min_order, max_order + 1):  # update after scoring
+            if t >= n - 1:
+                ctx = tuple(tokens[t - n + 1:t])
+                ctx_count[n][ctx] = ctx_count[n].get(ctx, 0) + 1
+                joint_count[n][(ctx, x)] = joint_count[n].get((ctx, x), 0) + 1
+    return np.array(orders), np.array(probs), dists
+
+
+def ngram_args(min_order=2, max_order=7, min_count=2):
+    return tiny_args(NGRAM_MIN_ORDER=min_order, NGRAM_MAX_ORDER=max_order, NGRAM_MIN_COUNT=min_count)
+
+
+def my_alpha(entropy, base=0.05, rng=0.55, scale=2.0, thresh=4.0):
+    return base + rng / (1.0 + np.exp(-scale * (np.asarray(entropy, dtype=np.float64) - thresh)))
+
+
+def val_tokens(corpus) -> np.ndarray:
+    paths = train_gpt.find_shards(corpus["path"], "val")
+    return np.concatenate([train_gpt.shard_tokens(p) for p in paths]).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The window plan covers every target exactly once
+
+
+def plan_cases():
+    cases = [(2, 64, 16), (2, 1, 1), (3, 2, 1), (3, 64, 64), (40, 64, 16), (64, 64, 16), (65, 64, 16),
+             (66, 64, 16), (1001, 64, 16), (1001, 64, 64), (1001, 64, 1), (1000, 7, 3), (97, 16, 5),
+             (129, 64, 64), (130, 64, 64), (500, 1, 1), (17, 4, 4), (2049, 2048, 64), (5000, 2048, 64)]
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        seq_len = int(rng.integers(1, 80))
+        stride = int(rng.integers(1, seq_len + 1))
+        n = int(rng.integers(2, 400))
+        cases.append((n, seq_len, stride))
+    return cases
+
+
+def test_window_plan_partitions_targets_exactly_once():
+    for n, seq_len, stride in plan_cases():
+        ends = train_gpt.window_plan(n, seq_len, stride).tolist()
+        case = (n, seq_len, stride)
+        scored, prev = [], 0
+        for w, end in enumerate(ends):
+            assert end > prev, (case, ends)  # every window scores at least one target
+            start = max(0, end - seq_len)
+            assert 0 < end - start <= seq_len, case
+            if w > 0:
+                assert end - prev <= stride, (case, w, prev, end)
+                if n - 1 >= seq_len:  # a later window always sees a full seq_len of context
+                    assert end - start == seq_len, case
+            # each target p in (prev, end] is predicted from input position p-1 inside [start, end)
+            assert start <= prev, case
+            scored.extend(range(prev + 1, end + 1))
+            prev = end
+        assert scored == list(range(1, n)), case
+        for p in {1, n - 1, n // 2, max(1, n - stride)}:
+            assert ends[np.searchsorted(ends, p)] == my_window_end(p, n, seq_len, stride), (case, p)
+
+
+def test_window_plan_first_window_scores_all_its_positions():
+    ends = train_gpt.window_plan(1000, 64, 16)
+    assert int(ends[0]) == 64 and int(ends[1]) == 80 and int(ends[-1]) == 999
+    assert train_gpt.window_plan(30, 64, 16).tolist() == [29]
+    assert train_gpt.window_plan(2, 64, 16).tolist() == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Coverage through evaluate, for several batch sizes and world sizes
+
+
+@pytest.fixture(scope="module")
+def eval_setup(luts):
+    torch.manual_seed(7)
+    n = 1237  # not a multiple of the stride, the window or any batch
+    val = torch.randint(0, 512, (n,), dtype=torch.int64)
+    val[::97] = train_gpt.BOS_ID
+    model = random_model(3)
+    tables = train_gpt.ngram_tables(val, 512, 2, 7, 2)
+    return model, val, tables
+
+
+def check_full_coverage(per_rank, n):
+    seen = np.concatenate([res["dump"][0]["pos"] for res, _ in per_rank]).astype(np.int64)
+    assert len(seen) == n - 1, (len(seen), n - 1)
+    assert np.array_equal(np.sort(seen), np.arange(1, n))
+    counts = torch.stack([rt.reduced[0] for _, rt in per_rank]).sum(0)
+    assert int(counts[3]) == n - 1
+    assert sum(res["tokens"] for res, _ in per_rank) == n - 1
+
+
+@pytest.mark.parametrize("seq_len,stride", [(64, 16), (64, 64), (32, 1)])
+def test_evaluate_coverage_independent_of_batch_and_world_size(eval_setup, luts, seq_len, stride):
+    model, val, tables = eval_setup
+    n = len(val) if stride > 1 else 300
+    val = val[:n]
+    tables = tuple(t[:n] for t in tables)  # prefix counts: the first n entries are the tables of val[:n]
+    configs = [(16, 1), (1, 1), (7, 1), (16, 2), (7, 3), (3, 5)] if stride > 1 else [(16, 1), (5, 3)]
+    ref_dump, ref_sums = None, {}
+    base, space, boundary = (a.numpy() for a in luts)
+    for bsz, world in configs:
+        args = tiny_args(EVAL_BATCH_SEQS=bsz)
+        per_rank = run_eval(model, val, luts, args, world, seq_len, stride, ngram=tables)
+        check_full_coverage(per_rank, n)
+        sums = torch.stack([rt.reduced[0] for _, rt in per_rank]).sum(0)
+        d = merged_dump(per_rank)
+        assert np.array_equal(d["pos"], np.arange(1, n))
+        assert np.array_equal(d["target"], val.numpy()[1:])
+        if world == 1:
+            res = per_rank[0][0]
+            assert res["complete"] and res["coverage"] == 1.0
+            assert res["loss_model"] == pytest.approx(d["nll_model"].mean(), rel=1e-9)
+            assert res["loss_mixed"] == pytest.approx(d["nll_mixed"].mean(), rel=1e-9)
+            v = val.numpy()
+            my_bytes = int((base[v[1:]] + (space[v[1:]] & ~boundary[v[:-1]])).sum())
+            assert res["bytes"] == my_bytes
+            assert res["bpb_model"] == pytest.approx(d["nll_model"].sum() / math.log(2) / my_bytes, rel=1e-9)
+        else:
+            assert not any(res["complete"] for res, _ in per_rank)  # a single rank is not the whole split
+        if ref_dump is None:
+            ref_dump = d
+        else:
+            for key in ("nll_model", "nll_mixed", "entropy"):
+                np.testing.assert_allclose(d[key], ref_dump[key], rtol=0, atol=1e-5, err_msg=f"{key} {bsz} {world}")
+            for key in ("order", "target"):
+                assert np.array_equal(d[key], ref_dump[key])
+        if bsz in ref_sums:  # same batch size, another world size: the float64 sums agree to 1e-9
+            r = ref_sums[bsz]
+            assert int(sums[3]) == int(r[3]) and int(sums[2]) == int(r[2])
+            assert float(sums[0]) == pytest.approx(float(r[0]), rel=1e-9)
+            assert float(sums[1]) == pytest.approx(float(r[1]), rel=1e-9)
+        else:
+            ref_sums[bsz] = sums
+        assert float(sums[0]) == pytest.approx(float(ref_dump["nll_model"].sum()), rel=1e-6)
+
+
+def test_evaluate_scores_each_target_from_its_window_context(eval_setup, luts):
+    """Recompute sampled targets directly: model on tokens [end - seq_len, end) of the window that
+    (by the closed form above) scores p, read at input position p - 1."""
+    model, val, tables = eval_setup
+    n, seq_len, stride = len(val), 64, 16
+    d = merged_dump(run_eval(model, val, luts, tiny_args(EVAL_BATCH_SEQS=8), 2, seq_len, stride, ngram=tables))
+    rng = np.random.default_rng(0)
+    picks = sorted({1, 2, 63, 64, 65, 80, 81, n - 2, n - 1, *rng.integers(1, n, 25).tolist()})
+    with torch.no_grad():
+        for p in picks:
+            end = my_window_end(p, n, seq_len, stride)
+            start = max(0, end - seq_len)
+            logp = torch.log_softmax(model.logits(model.hidden(val[start:end][None]))[0, p - 1 - start], -1).double()
+            i = p - 1
+            assert d["pos"][i] == p
+            assert d["nll_model"][i] == pytest.approx(-float(logp[val[p]]), abs=1e-5)
+            assert d["entropy"][i] == pytest.approx(-float((logp.exp() * logp).sum()), abs=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 3, 40, 65])
+def test_evaluate_short_streams_more_ranks_than_windows(luts, n):
+    torch.manual_seed(n)
+    val = torch.randint(0, 512, (n,), dtype=torch.int64)
+    model = random_model(1)
+    tables = train_gpt.ngram_tables(val, 512, 2, 7, 2)
+    ref = None
+    for world in (1, 2, 3):
+        per_rank = run_eval(model, val, luts, tiny_args(EVAL_BATCH_SEQS=4), world, 64, 16, ngram=tables)
+        check_full_coverage(per_rank, n)
+        d = merged_dump(per_rank)
+        if ref is None:
+            ref = d
+            assert per_rank[0][0]["complete"]
+        else:
+            np.testing.assert_allclose(d["nll_mixed"], ref["nll_mixed"], rtol=0, atol=1e-5)
+
+
+def test_evaluate_expired_deadline_is_incomplete(eval_setup, luts):
+    model, val, tables = eval_setup
+    res, _ = run_eval(model, val, luts, tiny_args(EVAL_BATCH_SEQS=4), 1, 64, 16, ngram=tables, deadline=1e-9)[0]
+    assert not res["complete"] and res["coverage"] < 1
+    assert "INCOMPLETE" in train_gpt.final_line("sliding", res) and "val_bpb" not in train_gpt.final_line("sliding", res)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The fast n-gram tables equal a slow dictionary reference, position by position
+
+
+@pytest.mark.parametrize("vocab,n,min_order,max_order,min_count,seed", [
+    (3, 3000, 2, 7, 2, 0), (3, 3000, 2, 7, 1, 1), (3, 3000, 3, 7, 3, 2), (2, 2000, 2, 12, 2, 3),
+    (1000, 5000, 2, 7, 2, 4), (1000, 5000, 2, 7, 1, 5), (1000, 5000, 3, 5, 3, 6), (50, 4000, 2, 7, 2, 7),
+    (7, 1, 2, 7, 2, 8), (7, 2, 2, 7, 1, 9), (5, 9, 2, 7, 1, 10), (4, 500, 4, 4, 1, 11),
+])
+def test_ngram_tables_match_slow_reference(vocab, n, min_order, max_order, min_count, seed):
+    rng = np.random.default_rng(seed)
+    if vocab >= 50:  # phrases from a small phrase book, between fresh random tokens: long contexts recur
+        book = [rng.integers(0, vocab, int(rng.integers(3, 12))) for _ in range(60)]
+        pieces, size = [], 0
+        while size < n:
+            piece = book[int(rng.integers(0, len(book)))] if rng.random() < 0.7 else rng.integers(0, vocab, 2)
+            pieces.append(piece)
+            size += len(piece)
+        toks = np.concatenate(pieces)[:n]
+    else:
+        toks = rng.integers(0, vocab, n)
+    toks = toks.tolist()
+    order, p_ng = train_gpt.ngram_tables(torch.tensor(toks, dtype=torch.int64), vocab, min_order, max_order, min_count)
+    assert len(order) == n and len(p_ng) == n
+    ref_order, ref_p, _ = slow_ngram(toks, min_order, max_order, min_count)
+    order = order.to(torch.int64).numpy()
+    assert order[0] == 0
+    mismatch = np.nonzero(order != ref_order)[0]
+    assert len(mismatch) == 0, f"first order mismatch at {mismatch[:5]}: fast {order[mismatch[:5]]} ref {ref_order[mismatch[:5]]}"
+    m = ref_order > 0
+    np.testing.assert_allclose(p_ng.numpy()[m], ref_p[m], rtol=0, atol=1e-12)
+    if n >= 1000:  # the cases are not vacuous: many matches, including the deepest order
+        assert m.mean() > 0.3 and (ref_order == max_order).any()
+        assert (ref_p[m] == 0).any() and (ref_p[m] == 1).any() and ((ref_p[m] > 0) & (ref_p[m] < 1)).any()
+
+
+def test_ngram_tables_distinct_contexts_never_share_counts():
+    """Contexts that collide under a lossy key (e.g. a*V+b with overflow or buckets) must stay apart:
+    a vocabulary of 65536 and contexts that differ only in their oldest token."""
+    vocab = 65536
+    toks = []
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        toks += [int(rng.integers(0, vocab)), 5, 6, 7, 8, 9, 10, int(rng.integers(0, 3))]
+    order, p_ng = train_gpt.ngram_tables(torch.tensor(toks), vocab, 2, 7, 2)
+    ref_order, ref_p, _ = slow_ngram(toks, 2, 7, 2)
+    assert np.array_equal(order.to(torch.int64).numpy(), ref_order)
+    np.testing.assert_allclose(p_ng.numpy()[ref_order > 0], ref_p[ref_order > 0], atol=1e-12)
+
+
+def test_prefix_counts_against_loop():
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 20, 2000)
+    got = train_gpt.prefix_counts(torch.from_numpy(keys)).numpy()
+    seen, want = {}, []
+    for k in keys.tolist():
+        want.append(seen.get(k, 0))
+        seen[k] = seen.get(k, 0) + 1
+    assert np.array_equal(got, np.array(want))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Normalization: the full distributions sum to 1 and agree with the fast path
+
+
+@pytest.mark.parametrize("vocab,min_count", [(3, 2), (3, 1), (40, 2)])
+def test_brute_force_distribution_is_normalized_and_matches(vocab, min_count):
+    rng = np.random.default_rng(vocab + min_count)
+    toks = rng.integers(0, vocab, 2500)
+    if vocab > 3:
+        toks[1000:1400] = toks[200:600]
+    tokens = torch.from_numpy(toks)
+    args = ngram_args(min_count=min_count)
+    order, p_ng = train_gpt.ngram_tables(tokens, vocab, 2, 7, min_count)
+    matched = torch.nonzero(order > 0).flatten().tolist()
+    picks = set(rng.choice(np.arange(1, len(toks)), 40, replace=False).tolist())
+    picks |= set(rng.choice(matched, 40, replace=False).tolist())
+    _, _, ref_dists = slow_ngram(toks.tolist(), 2, 7, min_count, keep_dists_at=picks)
+    n_matched = 0
+    for t in sorted(picks):
+        dist, o = train_gpt.brute_force_ngram(tokens, t, vocab, args)
+        assert o == int(order[t]), t
+        if o == 0:
+            assert dist is None and t not in ref_dists
+            continue
+        n_matched += 1
+        assert dist.shape == (vocab,) and bool((dist >= 0).all())
+        assert abs(float(dist.sum()) - 1.0) < 1e-12
+        assert float(dist[toks[t]]) == pytest.approx(float(p_ng[t]), abs=1e-12)
+        want = np.zeros(vocab)
+        for v, p in ref_dists[t].items():
+            want[v] = p
+        np.testing.assert_allclose(dist.numpy(), want, atol=1e-12)
+        # the mixture with any full softmax is a distribution too
+        logits = torch.randn(vocab, dtype=torch.float64) * 3
+        p_model = torch.softmax(logits, -1)
+        ent = -(p_model * p_model.log()).sum()
+        alpha = train_gpt.ngram_alpha(ent, args)
+        assert float(alpha) == pytest.approx(float(my_alpha(float(ent))), abs=1e-12)
+        p_mix = train_gpt.mix(p_model, dist, torch.tensor(True), alpha)
+        assert abs(float(p_mix.sum()) - 1.0) < 1e-12 and bool((p_mix >= 0).all())
+        np.testing.assert_allclose(p_mix.numpy(), (1 - float(alpha)) * p_model.numpy() + float(alpha) * want, atol=1e-12)
+    assert n_matched >= 20
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The audit passes on the real thing and fails on wrong ones
+
+
+@pytest.fixture(scope="module")
+def audit_case():
+    vocab = 5
+    rng = np.random.default_rng(11)
+    toks = rng.integers(0, vocab, 1500)
+    tokens = torch.from_numpy(toks)
+    args = ngram_args()
+    order, p_ng = train_gpt.ngram_tables(tokens, vocab, 2, 7, 2)
+    positions = sorted(train_gpt.audit_positions(order, 40, 0))
+    assert len(positions) >= 30 and sum(int(order[t]) > 0 for t in positions) >= 20
+    assert all(1 <= t < len(toks) for t in positions)
+    records = []
+    for t in positions:
+        logp = torch.log_softmax(torch.randn(vocab) * 2, -1)
+        p_model = float(logp[toks[t]].double().exp())
+        ent = float(-(logp.double().exp() * logp.double()).sum())
+        a = float(my_alpha(ent))
+        p = (1 - a) * p_model + a * float(p_ng[t]) if int(order[t]) > 0 else p_model
+        records.append((t, logp, p, int(order[t])))
+    return tokens, vocab, args, records
+
+
+def test_audit_passes_on_correct_records(audit_case):
+    tokens, vocab, args, records = audit_case
+    rep = train_gpt.audit_ngram(records, tokens, vocab, args)
+    assert rep["positions"] == len(records)
+    assert rep["max_sum_err"] <= 1e-6 and rep["max_target_err"] <= 1e-6 and rep["order_mismatch"] == 0
+
+
+def test_audit_detects_unnormalized_distributions(audit_case):
+    tokens, vocab, args, records = audit_case
+
+    def raw_counts(tok, t, v, a):
+        dist, o = train_gpt.brute_force_ngram(tok, t, v, a)
+        if dist is None:
+            return None, 0
+        k = o - 1
+        match = (tok[:t - 1].unfold(0, k, 1) == tok[t - k:t]).all(dim=1)
+        return torch.bincount(tok[k:t][match], minlength=v).double(), o
+
+    def inflated(tok, t, v, a):
+        dist, o = train_gpt.brute_force_ngram(tok, t, v, a)
+        return (None if dist is None else dist * 1.01), o
+
+    for fn in (raw_counts, inflated):
+        rep = train_gpt.audit_ngram(records, tokens, vocab, args, dist_fn=fn)
+        assert rep["max_sum_err"] > 1e-4, (fn.__name__, rep)
+
+
+def test_audit_detects_wrong_order_and_wrong_fast_value(audit_case):
+    tokens, vocab, args, records = audit_case
+
+    def wrong_order(tok, t, v, a):
+        dist, o = train_gpt.brute_force_ngram(tok, t, v, a)
+        return dist, (o + 1 if dist is not None else 0)
+
+    rep = train_gpt.audit_ngram(records, tokens, vocab, args, dist_fn=wrong_order)
+    assert rep["order_mismatch"] > 0 and rep["max_sum_err"] <= 1e-6
+    bad = [(t, lp, p * 1.01, o) for t, lp, p, o in records]
+    rep = train_gpt.audit_ngram(bad, tokens, vocab, args)
+    assert rep["max_target_err"] > 1e-5
+    # a fast path that peeked at x_t (counted position t itself before scoring it) is caught too
+    toks = tokens.tolist()
+    i = next(j for j, r in enumerate(records) if r[3] > 0 and 0 < p_ng_of(toks, r[0], r[3]) < 1)
+    t, lp, _, o = records[i]
+    k = o - 1
+    same = [s for s in range(k, t + 1) if toks[s - k:s] == toks[t - k:t]]  # includes s = t
+    p_peek = sum(toks[s] == toks[t] for s in same) / len(same)
+    a = float(my_alpha(float(-(lp.double().exp() * lp.double()).sum())))
+    peek = list(records)
+    peek[i] = (t, lp, (1 - a) * float(lp[toks[t]].double().exp()) + a * p_peek, o)
+    rep = train_gpt.audit_ngram(peek, tokens, vocab, args)
+    assert rep["max_target_err"] > 1e-6
+
+
+def p_ng_of(toks, t, o):
+    k = o - 1
+    same = [s for s in range(k, t) if toks[s - k:s] == toks[t - k:t]]
+    return sum(toks[s] == toks[t] for s in same) / len(same)
+
+
+def test_trained_run_audit_line(trained_run):
+    text = trained_run["log"].read_text()
+    m = re.findall(r"^ngram_audit positions:(\d+) max_sum_err:(\S+) max_target_err:(\S+) order_mismatch:(\d+)", text, re.M)
+    assert len(m) == 1, m
+    positions, sum_err, target_err, mismatch = m[0]
+    assert int(positions) > 0 and float(sum_err) <= 1e-6 and float(target_err) <= 1e-6 and int(mismatch) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Causality: changing the future changes nothing already scored
+
+
+@pytest.mark.parametrize("cut", [1, 300, 640, 1100])
+def test_changing_later_tokens_leaves_earlier_scores_unchanged(eval_setup, luts, cut):
+    model, val, _ = eval_setup
+    n = len(val)
+    changed = val.clone()
+    g = torch.Generator().manual_seed(cut)
+    changed[cut + 1:] = torch.randint(0, 512, (n - cut - 1,), generator=g)
+    changed[cut + 1] = (val[cut + 1] + 1) % 512
+    if cut >= 300:  # let the future repeat the past, so n-gram contexts match after the cut as well
+        changed[cut + 201:cut + 401] = val[cut - 300:cut - 100][:len(changed[cut + 201:cut + 401])]
+    dumps = []
+    for stream in (val, changed):
+        tables = train_gpt.ngram_tables(stream, 512, 2, 7, 2)  # on the whole stream, as the script does
+        per_rank = run_eval(model, stream, luts, tiny_args(EVAL_BATCH_SEQS=5), 2, 64, 16, ngram=tables)
+        dumps.append(merged_dump(per_rank))
+    a, b = dumps
+    before = a["pos"] <= cut
+    assert before.sum() == cut
+    for key in ("nll_model", "nll_mixed", "entropy"):
+        np.testing.assert_allclose(a[key][before], b[key][before], rtol=0, atol=1e-6, err_msg=key)
+    assert np.array_equal(a["order"][before], b["order"][before])
+    after = ~before
+    assert (np.abs(a["nll_model"][after] - b["nll_model"][after]) > 1e-4).mean() > 0.5
+    assert (np.abs(a["nll_mixed"][after] - b["nll_mixed"][after]) > 1e-4).mean() > 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The per-token dump of the trained run
+
+
+DUMP_KEYS = ("pos", "target", "nll_model", "entropy", "order", "p_ng", "alpha", "nll_mixed")
+
+
+def test_dump_is_consistent(trained_run, corpus):
+    d = np.load(trained_run["dump"])
+    assert set(DUMP_KEYS) <= set(d.files)
+    d = {k: d[k] for k in DUMP_KEYS}
+    val = val_tokens(corpus)
+    n = len(val)
+    assert n == corpus["val_tokens"]
+    assert np.array_equal(d["pos"], np.arange(1, n))
+    assert np.array_equal(d["target"], val[1:])
+    no = d["order"] == 0
+    yes = ~no
+    assert yes.sum() > 0.3 * len(no) and no.sum() > 0
+    assert np.isnan(d["p_ng"][no]).all() and np.isnan(d["alpha"][no]).all()
+    assert not np.isnan(d["p_ng"][yes]).any() and not np.isnan(d["alpha"][yes]).any()
+    assert np.array_equal(d["nll_mixed"][no], d["nll_model"][no])
+    assert np.isfinite(d["nll_model"]).all() and np.isfinite(d["nll_mixed"]).all()
+    assert ((d["p_ng"][yes] >= 0) & (d["p_ng"][yes] <= 1)).all()
+    # the n-gram columns are the slow reference's, on the real validation stream
+    ref_order, ref_p, _ = slow_ngram(val.tolist(), 2, 7, 2)
+    assert np.array_equal(d["order"], ref_order[1:])
+    np.testing.assert_allclose(d["p_ng"][yes], ref_p[1:][yes], rtol=0, atol=1e-12)
+    # alpha from the entropy with the default knobs, and the mixture from its parts
+    np.testing.assert_allclose(d["alpha"][yes], my_alpha(d["entropy"][yes]), rtol=0, atol=1e-9)
+    assert (d["entropy"] >= -1e-6).all() and (d["entropy"] <= math.log(512) + 1e-5).all()
+    a = d["alpha"][yes]
+    want = -np.log((1 - a) * np.exp(-d["nll_model"][yes]) + a * d["p_ng"][yes])
+    np.testing.assert_allclose(d["nll_mixed"][yes], want, rtol=0, atol=1e-9)
+    # the means are the reported losses; with the reported bytes, the bpbs
+    f = trained_run["finals"]
+    assert f["ngram"]["tokens"] == f["sliding"]["tokens"] == n - 1
+    assert d["nll_mixed"].mean() == pytest.approx(f["ngram"]["val_loss"], abs=1e-6)
+    assert d["nll_model"].mean() == pytest.approx(f["sliding"]["val_loss"], abs=1e-6)
+    nbytes = f["sliding"]["bytes"]
+    assert d["nll_mixed"].sum() / math.log(2) / nbytes == pytest.approx(f["ngram"]["val_bpb"], rel=1e-6)
+    assert d["nll_model"].sum() / math.log(2) / nbytes == pytest.approx(f["sliding"]["val_bpb"], rel=1e-6)
+    assert f["ngram"]["val_bpb"] < f["sliding"]["val_bpb"]  # the mixture helps on this repetitive text
+
+
+def test_reported_bytes_are_the_validation_text_bytes(trained_run, corpus):
+    """The bpb denominator, counted from the text: the UTF-8 bytes of each validation document after
+    the tokenizer's NFKC normalization (no dummy prefix, so no byte is invented at a document start)."""
+    want = sum(len(unicodedata.normalize("NFKC", doc).encode("utf-8")) for doc in corpus["val_docs"])
+    assert trained_run["finals"]["sliding"]["bytes"] == want
+    assert trained_run["finals"]["ngram"]["bytes"] == want
+
+
+def test_dump_matches_artifact_model(trained_run, corpus):
+    """Sampled dump rows recomputed from the artifact by a direct forward pass over each window."""
+    d = np.load(trained_run["dump"])
+    args = tiny_args(ARTIFACT_PATH=str(trained_run["artifact"]), EVAL_ONLY=1)
+    model = train_gpt.load_artifact_model(args, FakeRuntime())
+    val = torch.from_numpy(val_tokens(corpus))
+    n, seq_len, stride = len(val), 64, 16
+    rng = np.random.default_rng(5)
+    with torch.no_grad():
+        for p in sorted({1, 64, 65, 79, 80, 81, n - 1, *rng.integers(1, n, 15).tolist()}):
+            end = my_window_end(p, n, seq_len, stride)
+            start = max(0, end - seq_len)
+            logp = torch.log_softmax(model.logits(model.hidden(val[start:end][None]))[0, p - 1 - start], -1).double()
+            assert d["nll_model"][p - 1] == pytest.approx(-float(logp[val[p]]), abs=1e-5), p
+            assert d["entropy"][p - 1] == pytest.approx(-float((logp.exp() * logp).sum()), abs=1e-5), p
+
+
+# ----------------------------------------------------------------------------------------------
+# 7, 9, 10. End to end: two processes, a budget too small, NGRAM=0 (EVAL_ONLY on a copy of the artifact)
+
+
+@pytest.fixture(scope="module")
+def eval_only_runs(trained_run, corpus, tmp_path_factory):
+    """The three EVAL_ONLY runs, launched together to save wall time."""
+    jobs = {}
+    specs = {"two_procs": dict(nproc=2), "budget": dict(nproc=1, EVAL_BUDGET_SECONDS=0.001),
+             "no_ngram": dict(nproc=1, NGRAM=0)}
+    for name, spec in specs.items():
+        cwd = tmp_path_factory.mktemp(name)
+        art = cwd / "copy.ptz"
+        shutil.copy(trained_run["artifact"], art)
+        nproc = spec.pop("nproc")
+        cmd = [sys.executable, SCRIPT] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
+        env = script_env(corpus, str(cwd), EVAL_ONLY=1, ARTIFACT_PATH=str(art), **spec)
+        jobs[name] = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+    out = {}
+    for name, proc in jobs.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return out
+
+
+def test_two_processes_give_the_same_score(eval_only_runs, trained_run):
+    proc = eval_only_runs["two_procs"]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "world_size:2" in proc.stdout
+    got, want = finals(proc.stdout), trained_run["finals"]
+    for kind in ("sliding", "ngram"):
+        assert got[kind]["val_bpb"] == pytest.approx(want[kind]["val_bpb"], rel=1e-6)
+        assert got[kind]["val_loss"] == pytest.approx(want[kind]["val_loss"], rel=1e-6)
+        assert got[kind]["tokens"] == want[kind]["tokens"] and got[kind]["bytes"] == want[kind]["bytes"]
+        assert got[kind]["coverage"] == 1.0
+    m = re.search(r"^ngram_audit positions:(\d+) max_sum_err:(\S+) max_target_err:(\S+) order_mismatch:0", proc.stdout, re.M)
+    assert m and int(m.group(1)) > 0 and float(m.group(2)) <= 1e-6
+
+
+def test_budget_too_small_reports_no_score(eval_only_runs):
+    proc = eval_only_runs["budget"]
+    assert proc.returncode != 0
+    inc = re.findall(r"^final_(sliding|ngram) INCOMPLETE .*coverage:(\S+)", proc.stdout, re.M)
+    assert inc and all(float(c) < 1 for _, c in inc)
+    assert not re.search(r"^final_(sliding|ngram) val_loss:", proc.stdout, re.M)
+    assert "sliding" not in finals(proc.stdout) and "ngram" not in finals(proc.stdout)
+    assert "submission path" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_ngram_off_reports_sliding_only(eval_only_runs, trained_run):
+    proc = eval_only_runs["no_ngram"]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    got = finals(proc.stdout)
+    assert "sliding" in got and "ngram" not in got
+    assert not re.search(r"^ngram_audit ", proc.stdout, re.M)
+    assert got["sliding"]["val_bpb"] == pytest.approx(trained_run["finals"]["sliding"]["val_bpb"], rel=1e-6)
+    assert got["sliding"]["coverage"] == 1.0

@@ -150,6 +150,8 @@ class Hyperparameters:
         self.author = env("AUTHOR", "", str)
         self.github_id = env("GITHUB_ID", "", str)
         self.world_size = world_size
+        if self.eval_only:  # the artifact carries the model's shape: adopt it before checking shapes
+            self.apply_model_config(read_artifact(self.artifact_path)[0]["config"])
         self.check()
 
     def check(self) -> None:
@@ -176,8 +178,6 @@ class Hyperparameters:
         if not self.eval_only and self.train_batch_tokens % micro:
             bad(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world size "
                 f"{self.world_size} x GRAD_ACCUM_STEPS={self.grad_accum_steps} x TRAIN_SEQ_LEN={self.train_seq_len}")
-        if self.eval_only and not os.path.isfile(self.artifact_path):
-            bad(f"EVAL_ONLY=1 but ARTIFACT_PATH={self.artifact_path} does not exist")
 
     def model_config(self) -> dict:
         return {k: getattr(self, k) for k in MODEL_KEYS}
@@ -188,6 +188,8 @@ class Hyperparameters:
             if key not in config:
                 raise UsageError(f"artifact {self.artifact_path} is corrupt: its config lacks {key}")
             name = key.upper()
+            if type(config[key]) is not type(getattr(self, key)):
+                raise UsageError(f"artifact {self.artifact_path} is corrupt: {key}={config[key]!r} has the wrong type")
             if os.environ.get(name, "").strip() and getattr(self, key) != config[key]:
                 raise UsageError(f"{name}={getattr(self, key)} contradicts the artifact, "
                                  f"which was built with {name}={config[key]}")
@@ -734,7 +736,7 @@ def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
     row_max = w.abs().amax(dim=1)
     best_q, best_s, best_err = None, None, None
     for ratio in CLIP_RATIOS:
-        scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)
+        scale = (row_max * ratio / qmax).clamp(2.0 ** -24, 65504.0).half().float()
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = (q * scale[:, None] - w).square().sum(dim=1)
         if best_err is None:
@@ -774,18 +776,30 @@ def serialize_artifact(quantized: dict[str, tuple], config: dict) -> bytes:
     return zstandard.ZstdCompressor(level=22).compress(raw)
 
 
-def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
-    """Returns (model config, dequantized state). Anything malformed is a UsageError naming the file."""
+ARTIFACT_ERRORS = (zstandard.ZstdError, ValueError, KeyError, TypeError, AttributeError)
+
+
+def read_artifact(path: str) -> tuple[dict, bytes, int]:
+    """Decompress an artifact and parse its header: (header, raw bytes, offset of the first blob)."""
     if not os.path.isfile(path):
-        raise UsageError(f"artifact {path} does not exist")
+        raise UsageError(f"ARTIFACT_PATH={path} does not exist")
     try:
         with open(path, "rb") as f:
             raw = zstandard.ZstdDecompressor().decompress(f.read())
         n = int.from_bytes(raw[:4], "little")
         header = json.loads(raw[4:4 + n])
-        if header.get("format") != ARTIFACT_FORMAT:
-            raise ValueError("unknown format")
-        offset, quantized = 4 + n, {}
+        if not isinstance(header, dict) or header.get("format") != ARTIFACT_FORMAT or not isinstance(header.get("config"), dict):
+            raise ValueError(f"not a {ARTIFACT_FORMAT} artifact")
+    except ARTIFACT_ERRORS as e:
+        raise UsageError(f"artifact {path} is corrupt ({type(e).__name__}: {e})") from None
+    return header, raw, 4 + n
+
+
+def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
+    """Returns (model config, dequantized state). Anything malformed is a UsageError naming the file."""
+    header, raw, offset = read_artifact(path)
+    try:
+        quantized = {}
         for name, kind, qmax, shape in header["tensors"]:
             numel, dtype = math.prod(shape), np.int8 if kind == "int" else np.float16
             arr = np.frombuffer(raw, dtype=dtype, count=numel, offset=offset).reshape(shape)
@@ -797,7 +811,7 @@ def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
                 offset += 2 * q.shape[0]
         if offset != len(raw):
             raise ValueError("trailing bytes")
-    except (zstandard.ZstdError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+    except ARTIFACT_ERRORS as e:
         raise UsageError(f"artifact {path} is corrupt ({type(e).__name__}: {e})") from None
     return header["config"], dequantize_state(quantized)
 

@@ -26,7 +26,7 @@ import sentencepiece as spm
 import torch
 
 import build_corpus
-from conftest import ROOT, SCRIPT, TINY, VOCAB, finals, run_script, script_env, step_losses, tiny_args
+from conftest import SCRIPT, TINY, VOCAB, finals, run_script, script_env, step_losses, tiny_args
 
 import train_gpt
 
@@ -316,6 +316,18 @@ def test_byte_luts_piece_rules(sp):
         else:
             piece = sp.id_to_piece(i)
             assert base[i] + space[i] == len(piece.replace("\u2581", " ").encode("utf-8")), piece
+    # A piece with a leading '▁': no space byte right after BOS (start of a document), one space
+    # byte after an ordinary piece; both as sentencepiece's decoder sees it.
+    luts = tuple(torch.from_numpy(a) for a in (base, space, boundary))
+    spaced = [i for i in range(sp.vocab_size()) if space[i] and base[i] > 0]
+    plain = [i for i in range(sp.vocab_size()) if base[i] > 0 and not space[i] and not sp.is_byte(i)]
+    assert spaced and plain
+    for p in spaced:
+        after_bos = int(train_gpt.target_bytes(torch.tensor([1]), torch.tensor([p]), luts))
+        assert after_bos == len(sp.decode([p]).encode("utf-8")) == base[p], sp.id_to_piece(p)
+        q = plain[p % len(plain)]
+        after_piece = int(train_gpt.target_bytes(torch.tensor([q]), torch.tensor([p]), luts))
+        assert after_piece == len(sp.decode([q, p]).encode("utf-8")) - len(sp.decode([q]).encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,9 +18,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import SCRIPT, finals, run_script, script_env, tiny_args
-
-torch.set_num_threads(1)
+from conftest import SCRIPT, finals, script_env, tiny_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,6 +50,15 @@ class FakeRuntime:
         return [obj]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: extra threads only contend. Restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def quiet(*_a, **_k):
     pass
 
@@ -75,13 +82,13 @@ def luts(corpus):
     return tuple(torch.from_numpy(a) for a in train_gpt.byte_luts(sp))
 
 
-def run_eval(model, val, luts, args, world_size, seq_len, stride, ngram=None, deadline=0):
+def run_eval(model, val, luts, args, world_size, seq_len, stride, ngram=None, deadline=0, audit=None):
     """`evaluate` called once per simulated rank; returns the per-rank results and runtimes."""
     out = []
     for r in range(world_size):
         rt = FakeRuntime(r, world_size)
         res = train_gpt.evaluate(model, val, luts, args, rt, quiet, label="test", seq_len=seq_len, stride=stride,
-                                 deadline=train_gpt.Deadline(deadline), ngram=ngram, dump=True)
+                                 deadline=train_gpt.Deadline(deadline), ngram=ngram, audit=audit, dump=True)
         out.append((res, rt))
     return out
 
@@ -295,6 +302,24 @@ def test_evaluate_short_streams_more_ranks_than_windows(luts, n):
             np.testing.assert_allclose(d["nll_mixed"], ref["nll_mixed"], rtol=0, atol=1e-5)
 
 
+def test_evaluate_records_pass_the_audit(eval_setup, luts):
+    """The audit records come from the real fast path, for exactly the requested positions (split over
+    ranks), and the brute-force rebuild of the whole mixed distribution agrees with them."""
+    model, val, tables = eval_setup
+    args = tiny_args(EVAL_BATCH_SEQS=6)
+    picks = train_gpt.audit_positions(tables[0], 40, 0)
+    assert sum(int(tables[0][t]) > 0 for t in picks) >= 20
+    per_rank = run_eval(model, val, luts, args, 3, 64, 16, ngram=tables, audit=picks)
+    records = [r for res, _ in per_rank for r in res["records"]]
+    assert sorted(r[0] for r in records) == sorted(picks)
+    d = merged_dump(per_rank)
+    for t, logp_row, p_fast, order in records:
+        assert order == d["order"][t - 1] and p_fast == pytest.approx(math.exp(-d["nll_mixed"][t - 1]), rel=1e-9)
+    rep = train_gpt.audit_ngram(records, val, 512, args)
+    assert rep["positions"] == len(picks) and rep["order_mismatch"] == 0
+    assert rep["max_sum_err"] <= 1e-6 and rep["max_target_err"] <= 1e-6
+
+
 def test_evaluate_expired_deadline_is_incomplete(eval_setup, luts):
     model, val, tables = eval_setup
     res, _ = run_eval(model, val, luts, tiny_args(EVAL_BATCH_SEQS=4), 1, 64, 16, ngram=tables, deadline=1e-9)[0]
@@ -380,7 +405,7 @@ def test_brute_force_distribution_is_normalized_and_matches(vocab, min_count):
     picks = set(rng.choice(np.arange(1, len(toks)), 40, replace=False).tolist())
     picks |= set(rng.choice(matched, 40, replace=False).tolist())
     _, _, ref_dists = slow_ngram(toks.tolist(), 2, 7, min_count, keep_dists_at=picks)
-    n_matched = 0
+    n_matched, g = 0, torch.Generator().manual_seed(vocab)
     for t in sorted(picks):
         dist, o = train_gpt.brute_force_ngram(tokens, t, vocab, args)
         assert o == int(order[t]), t
@@ -396,7 +421,7 @@ def test_brute_force_distribution_is_normalized_and_matches(vocab, min_count):
             want[v] = p
         np.testing.assert_allclose(dist.numpy(), want, atol=1e-12)
         # the mixture with any full softmax is a distribution too
-        logits = torch.randn(vocab, dtype=torch.float64) * 3
+        logits = torch.randn(vocab, dtype=torch.float64, generator=g) * 3
         p_model = torch.softmax(logits, -1)
         ent = -(p_model * p_model.log()).sum()
         alpha = train_gpt.ngram_alpha(ent, args)
@@ -422,9 +447,9 @@ def audit_case():
     positions = sorted(train_gpt.audit_positions(order, 40, 0))
     assert len(positions) >= 30 and sum(int(order[t]) > 0 for t in positions) >= 20
     assert all(1 <= t < len(toks) for t in positions)
-    records = []
+    records, g = [], torch.Generator().manual_seed(11)
     for t in positions:
-        logp = torch.log_softmax(torch.randn(vocab) * 2, -1)
+        logp = torch.log_softmax(torch.randn(vocab, generator=g) * 2, -1)
         p_model = float(logp[toks[t]].double().exp())
         ent = float(-(logp.double().exp() * logp.double()).sum())
         a = float(my_alpha(ent))

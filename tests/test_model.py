@@ -564,3 +564,20 @@ def test_tiny_configuration_learns(corpus, tmp_path):
     # 0.005-std embedding make it), trained 0.6971, a drop of 5.5 nats
     assert abs(base - math.log(VOCAB)) < 0.05, base
     assert trained < base - 3.0, (trained, base)
+
+
+def test_compiled_forward_matches_eager():
+    """The CUDA path compiles the training forward with fullgraph=True and the eval forward with
+    eval_forward; both must trace without graph breaks and compute what eager mode computes.
+    Without a GPU this runs inductor on the CPU, which exercises the same tracing."""
+    torch._dynamo.reset()
+    args = tiny_args(COMPILE=1)
+    model = randomize(train_gpt.GPT(args), seed=3)
+    x, y = random_tokens((2, 32), seed=4), random_tokens((2, 32), seed=5)
+    x[0, 7] = 1  # a BOS inside the window
+    compiled = torch.compile(model, fullgraph=True)
+    assert torch.allclose(compiled(x, y), model(x, y), atol=1e-5)
+    fake_rt = type("RT", (), {"is_cuda": False})()
+    hidden = train_gpt.eval_forward(model, args, fake_rt)
+    assert hidden is not model.hidden and train_gpt.eval_forward(model, args, fake_rt) is hidden  # compiled once
+    assert torch.allclose(hidden(x), model.hidden(x), atol=1e-5)

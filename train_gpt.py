@@ -816,21 +816,23 @@ def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
     return header["config"], dequantize_state(quantized)
 
 
-def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger) -> dict:
-    """Quantize, compress and write the artifact (rank 0), then account its bytes. Over the cap is a
-    failure, raised only after the artifact and the log line are written."""
+def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime) -> None:
+    """Quantize, compress and write the artifact (rank 0)."""
     blob = serialize_artifact(quantize_state(model.state_dict()), args.model_config())
     if rt.master:
         with open(args.artifact_path, "wb") as f:
             f.write(blob)
     if rt.world_size > 1:
         dist.barrier()
-    with open(os.path.abspath(__file__), "rb") as f:
-        code_bytes = len(f.read())
-    sizes = {"bytes_code": code_bytes, "bytes_model": len(blob), "bytes_total": code_bytes + len(blob)}
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"artifact bytes_code:{code_bytes} bytes_model:{len(blob)} bytes_total:{sizes['bytes_total']} "
-        f"path:{args.artifact_path} bytes_per_param:{len(blob) / n_params:.4f}")
+
+
+def account_artifact(args: Hyperparameters, n_params: int, log: Logger) -> dict:
+    """Code bytes (train_gpt.py as it runs) + artifact bytes, both read from disk. Over the cap is a
+    failure, raised only after the artifact and this log line exist."""
+    code_bytes, model_bytes = os.path.getsize(os.path.abspath(__file__)), os.path.getsize(args.artifact_path)
+    sizes = {"bytes_code": code_bytes, "bytes_model": model_bytes, "bytes_total": code_bytes + model_bytes}
+    log(f"artifact bytes_code:{code_bytes} bytes_model:{model_bytes} bytes_total:{sizes['bytes_total']} "
+        f"path:{args.artifact_path} bytes_per_param:{model_bytes / n_params:.4f}")
     if sizes["bytes_total"] > args.artifact_limit_bytes:
         raise EvalFailure(f"artifact is over the limit: bytes_total {sizes['bytes_total']} > "
                           f"ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes} (artifact kept at {args.artifact_path})")
@@ -1068,9 +1070,9 @@ def write_dump(path: str, parts: list[dict]) -> None:
 
 
 def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger,
-                   deadline: Deadline, timings: dict) -> dict:
-    """The submission's score: sliding window, and its n-gram mixture, with the audit."""
-    ngram, audit = None, None
+                   deadline: Deadline, timings: dict) -> tuple[dict, dict | None]:
+    """The submission's score: the sliding window, and its n-gram mixture once the audit has passed."""
+    ngram, audit, mixed = None, None, None
     if args.ngram:
         t0 = time.perf_counter()
         ngram = ngram_tables(val.to(rt.device), args.vocab_size, args.ngram_min_order, args.ngram_max_order,
@@ -1092,14 +1094,14 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
         timings["audit_ms"] = 1000 * (time.perf_counter() - t0)
         log(f"ngram_audit positions:{rep['positions']} max_sum_err:{rep['max_sum_err']:.3e} "
             f"max_target_err:{rep['max_target_err']:.3e} order_mismatch:{rep['order_mismatch']} tol:{AUDIT_TOL:g}")
-        res["ngram_res"] = dict(res, eval_ms=res["eval_ms"] + timings["ngram_precompute_ms"])
-        log(final_line("ngram", res["ngram_res"], "mixed"))
         if rep["max_sum_err"] > AUDIT_TOL or rep["max_target_err"] > AUDIT_TOL or rep["order_mismatch"]:
-            raise EvalFailure(f"n-gram audit failed: {rep}")
+            raise EvalFailure(f"n-gram audit failed, no n-gram score is reported: {rep}")
+        mixed = dict(res, eval_ms=res["eval_ms"] + timings["ngram_precompute_ms"])
+        log(final_line("ngram", mixed, "mixed"))
     if args.eval_dump_path and rt.master:
         write_dump(args.eval_dump_path, res["dump"])
         log(f"eval_dump path:{args.eval_dump_path} tokens:{res['tokens']}")
-    return res
+    return res, mixed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1130,58 +1132,62 @@ def write_submission(args: Hyperparameters, rt: Runtime, fields: dict, log: Logg
     log(f"submission path:{args.submission_path}")
 
 
+def train_and_export(args: Hyperparameters, rt: Runtime, log: Logger, val: Tensor, luts, train_paths) -> dict:
+    model = GPT(args).to(rt.device)
+    groups = param_groups(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model_params:{n_params} " + " ".join(f"{k}:{sum(p.numel() for p in v)}" for k, v in groups.items()))
+    trainer = Trainer(args, rt, model, BatchLoader(train_paths, args, rt), log)
+    trainer.warmup()
+    stats = trainer.train()
+    pre = evaluate(model, val, luts, args, rt, log, label="prequant", seq_len=args.train_seq_len,
+                   stride=args.train_seq_len, deadline=Deadline(0))
+    log(final_line("prequant", pre))
+    export_artifact(model, args, rt)
+    return {"steps": stats["steps"], "train_seconds": round(stats["train_seconds"], 3),
+            **account_artifact(args, n_params, log)}
+
+
+def evaluate_artifact(args: Hyperparameters, rt: Runtime, log: Logger, val: Tensor, luts) -> dict:
+    """Everything the eval does, on a model rebuilt from the artifact alone, inside EVAL_BUDGET_SECONDS."""
+    deadline, timings = Deadline(args.eval_budget_seconds), {}
+    model = load_artifact_model(args, rt)
+    timings["load_ms"] = 1000 * deadline.elapsed()
+    plain = evaluate(model, val, luts, args, rt, log, label="roundtrip", seq_len=args.train_seq_len,
+                     stride=args.train_seq_len, deadline=deadline)
+    timings["roundtrip_ms"] = plain["eval_ms"]
+    log(final_line("roundtrip", plain))
+    sliding, mixed = run_final_eval(model, val, luts, args, rt, log, deadline, timings)
+    timings["total_ms"] = 1000 * deadline.elapsed()
+    log("eval_time " + " ".join(f"{k}:{v:.0f}" for k, v in timings.items()) + f" budget_s:{args.eval_budget_seconds:g}")
+    if not (plain["complete"] and sliding["complete"]):
+        log(f"eval INCOMPLETE: coverage {sliding['coverage']:.6f} inside EVAL_BUDGET_SECONDS="
+            f"{args.eval_budget_seconds:g}; no score is reported")
+        raise EvalFailure("evaluation did not cover the whole validation split within its budget")
+    final, kind = (mixed, "mixed") if mixed else (sliding, "model")
+    return {"val_bpb": round(final[f"bpb_{kind}"], 8), "val_bpb_sliding": round(sliding["bpb_model"], 8),
+            "val_loss": round(final[f"loss_{kind}"], 8), "eval_seconds": round(timings["total_ms"] / 1000, 3)}
+
+
 def run() -> None:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args = Hyperparameters(world_size)
+    args = Hyperparameters(int(os.environ.get("WORLD_SIZE", "1")))
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    if not args.eval_only:
-        train_paths = find_shards(args.data_path, "train")
+    train_paths = [] if args.eval_only else find_shards(args.data_path, "train")
     val_paths = find_shards(args.data_path, "val")
     rt = Runtime(args.device)
-    validate_shards(val_paths if args.eval_only else train_paths + val_paths, args.vocab_size, rt)
+    validate_shards(train_paths + val_paths, args.vocab_size, rt)
     log = Logger(args, rt)
     log_header(args, rt, log)
     torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
     val = load_validation(args, rt)
     luts = tuple(torch.from_numpy(a).to(rt.device) for a in byte_luts(sp))
     log(f"val_tokens:{len(val)} val_targets:{len(val) - 1}")
-    fields: dict = {}
-    if not args.eval_only:
-        model = GPT(args).to(rt.device)
-        groups = param_groups(model)
-        log(f"model_params:{sum(p.numel() for p in model.parameters())} " +
-            " ".join(f"{k}:{sum(p.numel() for p in v)}" for k, v in groups.items()))
-        trainer = Trainer(args, rt, model, BatchLoader(train_paths, args, rt), log)
-        trainer.warmup()
-        stats = trainer.train()
-        fields.update(steps=stats["steps"], train_seconds=round(stats["train_seconds"], 3))
-        pre = evaluate(model, val, luts, args, rt, log, label="prequant", seq_len=args.train_seq_len,
-                       stride=args.train_seq_len, deadline=Deadline(0))
-        log(final_line("prequant", pre))
-        fields.update(export_artifact(model, args, rt, log))
-        del trainer, model
-    deadline = Deadline(args.eval_budget_seconds)
-    timings: dict = {}
-    t0 = time.perf_counter()
-    model = load_artifact_model(args, rt)
-    timings["load_ms"] = 1000 * (time.perf_counter() - t0)
-    rt_res = evaluate(model, val, luts, args, rt, log, label="roundtrip", seq_len=args.train_seq_len,
-                      stride=args.train_seq_len, deadline=deadline)
-    timings["roundtrip_ms"] = rt_res["eval_ms"]
-    log(final_line("roundtrip", rt_res))
-    res = run_final_eval(model, val, luts, args, rt, log, deadline, timings)
-    timings["total_ms"] = 1000 * deadline.elapsed()
-    log("eval_time " + " ".join(f"{k}:{v:.0f}" for k, v in timings.items()) + f" budget_s:{args.eval_budget_seconds:g}")
-    final = res.get("ngram_res", res)
-    if not (rt_res["complete"] and res["complete"]):
-        log(f"eval INCOMPLETE: coverage {res['coverage']:.6f} inside EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g}; "
-            "no score is reported")
-        raise EvalFailure("evaluation did not cover the whole validation split within its budget")
-    fields.update(val_bpb=round(final["bpb_mixed" if args.ngram else "bpb_model"], 8),
-                  val_bpb_sliding=round(res["bpb_model"], 8),
-                  val_loss=round(final["loss_mixed" if args.ngram else "loss_model"], 8),
-                  eval_seconds=round(timings["total_ms"] / 1000, 3))
+    if args.eval_only:
+        n_params = sum(math.prod(shape) for *_, shape in read_artifact(args.artifact_path)[0]["tensors"])
+        fields = account_artifact(args, n_params, log)
+    else:
+        fields = train_and_export(args, rt, log, val, luts, train_paths)
+    fields.update(evaluate_artifact(args, rt, log, val, luts))
     write_submission(args, rt, fields, log)
 
 

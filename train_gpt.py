@@ -447,10 +447,9 @@ class Attention(nn.Module):
         k = self.rotary(rms_norm(k))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         if self.xsa:  # remove from each head's output its component along the token's own value
-            g = self.heads // self.kv_heads
-            y = y.view(B, self.kv_heads, g, T, self.head_dim)
+            y = y.unflatten(1, (self.kv_heads, self.heads // self.kv_heads))  # query heads by KV group
             v_hat = F.normalize(v, dim=-1).unsqueeze(2)
-            y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, self.heads, T, self.head_dim)
+            y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).flatten(1, 2)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1)), v
 
 
@@ -637,7 +636,8 @@ class Trainer:
         self.optimizers = build_optimizers(model, args)
         use_compile = args.compile if args.compile is not None else rt.is_cuda
         fwd = torch.compile(model, fullgraph=True) if use_compile else model
-        self.fwd = DDP(fwd, device_ids=[rt.local_rank] if rt.is_cuda else None) if rt.world_size > 1 else fwd
+        self.fwd = (DDP(fwd, device_ids=[rt.local_rank] if rt.is_cuda else None, broadcast_buffers=False)
+                    if rt.world_size > 1 else fwd)
         self.params = list(model.parameters())
 
     def step(self, step: int, lr_mult: float) -> float:
@@ -1007,12 +1007,12 @@ def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, 
             starts = (e - length).to(rt.device)
             offs = torch.arange(length, device=rt.device)
             inputs = val_dev[starts[:, None] + offs]
-            with rt.autocast():
-                h = hidden_fn(inputs)
             mask = offs[None, :] >= (length - n_scored.to(rt.device))[:, None]
             pos = (starts[:, None] + offs + 1)[mask]
+            with rt.autocast():  # the same precision as training
+                logits = model.logits(hidden_fn(inputs)[mask])
             # float64 softmax: the distribution the logits define, normalized to 1e-15 (the audit checks 1e-6)
-            logp = torch.log_softmax(model.logits(h[mask]).double(), dim=-1)
+            logp = torch.log_softmax(logits.double(), dim=-1)
             tgt = val_dev[pos]
             nll = -logp.gather(1, tgt[:, None]).squeeze(1)
             entropy = -(logp.exp() * logp).sum(-1)

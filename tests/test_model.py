@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 import torch.nn as nn
 
@@ -581,3 +582,30 @@ def test_compiled_forward_matches_eager():
     hidden = train_gpt.eval_forward(model, args, fake_rt)
     assert hidden is not model.hidden and train_gpt.eval_forward(model, args, fake_rt) is hidden  # compiled once
     assert torch.allclose(hidden(x), model.hidden(x), atol=1e-5)
+
+
+def test_bf16_autocast_path_trains_and_evaluates(corpus, tmp_path, monkeypatch):
+    """CUDA runs the training step and the eval under bf16 autocast. CPU autocast drives the same code
+    with the same dtypes, so a dtype mismatch on that path (bf16 activations meeting fp32 weights,
+    bf16 logits in the softmax) shows up here too. Results must stay close to the fp32 ones."""
+    trainer, args = make_trainer(corpus, tmp_path, monkeypatch, run_id="bf16", GRAD_ACCUM_STEPS=1, WARMUP_STEPS=0)
+    model = trainer.model
+    x, _ = trainer.loader.next_step()[0]
+    val = x.flatten()[:300].clone()
+    luts = tuple(torch.from_numpy(a) for a in train_gpt.byte_luts(spm.SentencePieceProcessor(model_file=corpus["tokenizer"])))
+
+    def run_eval():
+        return train_gpt.evaluate(model, val, luts, args, trainer.rt, lambda *a, **k: None, label="t", seq_len=64,
+                                  stride=16, deadline=train_gpt.Deadline(0))
+
+    fp32 = run_eval()
+    monkeypatch.setattr(trainer.rt, "autocast", lambda: torch.autocast("cpu", torch.bfloat16))
+    with torch.autocast("cpu", torch.bfloat16):  # the compute dtype the autocast path hands on
+        assert model.hidden(x[:1]).dtype == torch.float32 and model.logits(model.hidden(x[:1])).dtype == torch.float32
+    bf16 = run_eval()
+    assert bf16["complete"] and bf16["tokens"] == fp32["tokens"] == len(val) - 1
+    assert bf16["loss_model"] != fp32["loss_model"]  # autocast really took effect
+    assert abs(bf16["loss_model"] - fp32["loss_model"]) < 0.05 * fp32["loss_model"]
+    loss = trainer.step(0, 1.0)
+    assert math.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -699,8 +699,8 @@ class Trainer:
             out_of_time = rt.all_reduce(out_of_time, dist.ReduceOp.MAX).item() > 0
             if step % args.train_log_every == 0 or step == 1 or out_of_time or step == args.iterations:
                 self.log(f"step:{step}/{args.iterations} train_loss:{loss:.4f} lr_mult:{mult:.4f} "
-                         f"train_time_ms:{elapsed_ms:.0f} step_ms:{elapsed_ms / step:.2f} "
-                         f"tok_s:{tokens_per_step * step / (elapsed_ms / 1000):.0f}")
+                         f"step_ms:{elapsed_ms / step:.2f} tok_s:{tokens_per_step * step / (elapsed_ms / 1000):.0f} "
+                         f"train_time_ms:{elapsed_ms:.0f}")
             if out_of_time:
                 self.log(f"stopping_early: wallclock cap MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g} "
                          f"reached at step {step}")

@@ -361,8 +361,8 @@ def test_prequant_counts_match_independent_count(corpus, sp, trained_run):
 
 FINAL_STRICT = re.compile(r"^final_(\w+) val_loss:(\d+\.\d+) val_bpb:(\d+\.\d+) tokens:(\d+) bytes:(\d+) "
                           r"coverage:(\d+\.\d+) eval_ms:(\d+)$")
-STEP_RE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\d+\.\d+) lr_mult:(\d+\.\d+)(?: \S+:\S+)* "
-                     r"step_ms:(\d+\.\d+) tok_s:(\d+)$")
+STEP_RE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\d+\.\d+) lr_mult:(\d+\.\d+) "
+                     r"step_ms:(\d+\.\d+) tok_s:(\d+) train_time_ms:(\d+)$")
 
 
 def test_log_file_contents(trained_run):

@@ -577,8 +577,8 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     """Muon: the matrices of the blocks and the bigram projection. AdamW: embeddings; the rest
     (vectors and scalars) in a second AdamW group. Every parameter lands in exactly one group."""
     groups = {"muon": [], "embed": [], "scalar": []}
-    for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
             if isinstance(module, nn.Linear):
                 groups["muon"].append(p)
             elif isinstance(module, nn.Embedding):
@@ -597,7 +597,7 @@ def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Opti
     adam = torch.optim.AdamW([
         {"params": g["embed"], "lr": args.tied_embed_lr, "weight_decay": args.adam_wd},
         {"params": g["scalar"], "lr": args.scalar_lr, "weight_decay": 0.0},
-    ], betas=(0.9, 0.95), eps=1e-8, fused=torch.cuda.is_available() and g["embed"][0].is_cuda)
+    ], betas=(0.9, 0.95), eps=1e-8, fused=g["embed"][0].is_cuda)
     for opt in (muon, adam):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]

@@ -492,7 +492,7 @@ def test_train_stops_at_the_wallclock_cap(corpus, tmp_path, monkeypatch, capsys)
     steps, secs = stats["steps"], stats["train_seconds"]
     step_s = secs / steps
     assert 0 < steps < 100000
-    assert 3.0 <= secs <= 3.0 + 3 * step_s + 0.5, (secs, steps)
+    assert 3.0 <= secs <= 3.0 + 3 * step_s + 1.5, (secs, steps)  # slack for a stall on a loaded machine
     assert "stopping_early: wallclock cap MAX_WALLCLOCK_SECONDS=3" in out
     mults = [float(x) for x in re.findall(r"^step:\d+/100000 .*lr_mult:(\S+)", out, re.M)]
     assert mults[0] == 1.0  # step 1

@@ -986,7 +986,7 @@ def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, 
     prev_ends = torch.cat((torch.zeros(1, dtype=torch.int64), ends[:-1]))
     lo, hi = len(ends) * rt.rank // rt.world_size, len(ends) * (rt.rank + 1) // rt.world_size
     hidden_fn = eval_forward(model, args, rt)
-    audit_pos = torch.tensor(sorted(audit or ()), dtype=torch.int64, device=rt.device)
+    audit_pos = torch.tensor(sorted(audit or ()), dtype=torch.int64)
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # nll, mixed nll, bytes, count
     dumps, records = [], []
     B, last_report = args.eval_batch_seqs, time.perf_counter()
@@ -1004,13 +1004,16 @@ def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, 
             if pad:
                 e, n_scored = torch.cat((e, e[-1:].repeat(pad))), torch.cat((n_scored, torch.zeros(pad, dtype=torch.int64)))
             length = min(seq_len, int(e[0]))
-            starts = (e - length).to(rt.device)
-            offs = torch.arange(length, device=rt.device)
-            inputs = val_dev[starts[:, None] + offs]
-            mask = offs[None, :] >= (length - n_scored.to(rt.device))[:, None]
-            pos = (starts[:, None] + offs + 1)[mask]
+            # Which positions are scored is known on the host: index with host-built indices, so the
+            # device never waits on a data-dependent shape.
+            offs = torch.arange(length)
+            rows = (e - length)[:, None] + offs
+            scored = torch.nonzero((offs[None, :] >= (length - n_scored)[:, None]).flatten()).squeeze(1)
+            inputs = val_dev[rows.to(rt.device, non_blocking=True)]
+            pos_host = rows.flatten()[scored] + 1
+            pos = pos_host.to(rt.device, non_blocking=True)
             with rt.autocast():  # the same precision as training
-                logits = model.logits(hidden_fn(inputs)[mask])
+                logits = model.logits(hidden_fn(inputs).flatten(0, 1)[scored.to(rt.device, non_blocking=True)])
             # float64 softmax: the distribution the logits define, normalized to 1e-15 (the audit checks 1e-6)
             logp = torch.log_softmax(logits.double(), dim=-1)
             tgt = val_dev[pos]
@@ -1027,8 +1030,8 @@ def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, 
                 nll_mixed = torch.where(order > 0, -torch.log(p_mixed), nll)  # unmatched: the model alone, exactly
                 sums[1] += nll_mixed.sum()
                 if len(audit_pos):
-                    for i in torch.nonzero(torch.isin(pos, audit_pos)).flatten().tolist():
-                        records.append((int(pos[i]), logp[i].cpu(), float(p_mixed[i]), int(order[i])))
+                    for i in torch.nonzero(torch.isin(pos_host, audit_pos)).flatten().tolist():
+                        records.append((int(pos_host[i]), logp[i].cpu(), float(p_mixed[i]), int(order[i])))
                 if dump:
                     dumps.append({"pos": pos, "target": tgt, "nll_model": nll, "entropy": entropy,
                                   "order": order.to(torch.int64), "p_ng": torch.where(order > 0, p_tab, torch.nan),

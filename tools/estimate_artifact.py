@@ -23,6 +23,7 @@ import train_gpt  # noqa: E402
 
 
 def draw(model: train_gpt.GPT, kind: str, seed: int) -> None:
+    torch.manual_seed(seed)  # the Chi2 draw uses the global generator
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

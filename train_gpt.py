@@ -953,6 +953,20 @@ def audit_positions(order: Tensor, count: int, seed: int) -> set[int]:
     return picks
 
 
+def window_batch(ends: Tensor, prev_ends: Tensor, seq_len: int, batch: int) -> tuple[Tensor, Tensor]:
+    """Stream positions [batch, length] of a batch of windows, and the flat indices of the positions
+    they score. The last batch is padded with copies that score nothing, so every batch has one
+    (compiled) shape. Built on the host: the device never waits on a data-dependent shape."""
+    n_scored = ends - prev_ends
+    if len(ends) < batch:
+        pad = batch - len(ends)
+        ends, n_scored = torch.cat((ends, ends[-1:].repeat(pad))), torch.cat((n_scored, n_scored.new_zeros(pad)))
+    length = min(seq_len, int(ends[0]))
+    offs = torch.arange(length)
+    scored = torch.nonzero((offs[None, :] >= (length - n_scored)[:, None]).flatten()).squeeze(1)
+    return (ends - length)[:, None] + offs, scored
+
+
 def eval_forward(model: GPT, args: Hyperparameters, rt: Runtime):
     """model.hidden, compiled once per model on CUDA so the passes that share its shapes share the compile."""
     use_compile = args.compile if args.compile is not None else rt.is_cuda
@@ -997,18 +1011,7 @@ def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, 
             if deadline.passed():
                 complete = False
                 break
-            e = ends[b:min(b + B, hi)]
-            pe = prev_ends[b:min(b + B, hi)]
-            n_scored = e - pe
-            pad = B - len(e)  # pad the last batch with copies that score nothing: one compiled shape
-            if pad:
-                e, n_scored = torch.cat((e, e[-1:].repeat(pad))), torch.cat((n_scored, torch.zeros(pad, dtype=torch.int64)))
-            length = min(seq_len, int(e[0]))
-            # Which positions are scored is known on the host: index with host-built indices, so the
-            # device never waits on a data-dependent shape.
-            offs = torch.arange(length)
-            rows = (e - length)[:, None] + offs
-            scored = torch.nonzero((offs[None, :] >= (length - n_scored)[:, None]).flatten()).squeeze(1)
+            rows, scored = window_batch(ends[b:min(b + B, hi)], prev_ends[b:min(b + B, hi)], seq_len, B)
             inputs = val_dev[rows.to(rt.device, non_blocking=True)]
             pos_host = rows.flatten()[scored] + 1
             pos = pos_host.to(rt.device, non_blocking=True)
@@ -1025,17 +1028,19 @@ def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, 
             sums[3] += len(pos)
             if ngram is not None:
                 order, p_tab = ngram[0][pos], ngram[1][pos]
-                alpha = ngram_alpha(entropy, args)
-                p_mixed = mix(torch.exp(-nll), p_tab, order > 0, alpha)
-                nll_mixed = torch.where(order > 0, -torch.log(p_mixed), nll)  # unmatched: the model alone, exactly
-                sums[1] += nll_mixed.sum()
-                if len(audit_pos):
-                    for i in torch.nonzero(torch.isin(pos_host, audit_pos)).flatten().tolist():
-                        records.append((int(pos_host[i]), logp[i].cpu(), float(p_mixed[i]), int(order[i])))
-                if dump:
-                    dumps.append({"pos": pos, "target": tgt, "nll_model": nll, "entropy": entropy,
-                                  "order": order.to(torch.int64), "p_ng": torch.where(order > 0, p_tab, torch.nan),
-                                  "alpha": torch.where(order > 0, alpha, torch.nan), "nll_mixed": nll_mixed})
+            else:  # no n-gram: every position unmatched, the mixture is the model
+                order, p_tab = torch.zeros_like(pos, dtype=torch.int8), torch.zeros_like(nll)
+            alpha = ngram_alpha(entropy, args)
+            p_mixed = mix(torch.exp(-nll), p_tab, order > 0, alpha)
+            nll_mixed = torch.where(order > 0, -torch.log(p_mixed), nll)  # unmatched: the model alone, exactly
+            sums[1] += nll_mixed.sum()
+            if len(audit_pos):
+                for i in torch.nonzero(torch.isin(pos_host, audit_pos)).flatten().tolist():
+                    records.append((int(pos_host[i]), logp[i].cpu(), float(p_mixed[i]), int(order[i])))
+            if dump:
+                dumps.append({"pos": pos, "target": tgt, "nll_model": nll, "entropy": entropy,
+                              "order": order.to(torch.int64), "p_ng": torch.where(order > 0, p_tab, torch.nan),
+                              "alpha": torch.where(order > 0, alpha, torch.nan), "nll_mixed": nll_mixed})
             if rt.master and time.perf_counter() - last_report > 10:
                 last_report = time.perf_counter()
                 done = min(1.0, (b - lo + B) / max(1, hi - lo))

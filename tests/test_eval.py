@@ -634,9 +634,10 @@ def eval_only_runs(trained_run, corpus, tmp_path_factory):
     """The three EVAL_ONLY runs, launched together to save wall time."""
     jobs = {}
     specs = {"two_procs": dict(nproc=2), "budget": dict(nproc=1, EVAL_BUDGET_SECONDS=0.001),
-             "no_ngram": dict(nproc=1, NGRAM=0)}
+             "no_ngram": dict(nproc=1, NGRAM=0, EVAL_DUMP_PATH="dump_no_ngram.npz")}
+    cwd_of = {}
     for name, spec in specs.items():
-        cwd = tmp_path_factory.mktemp(name)
+        cwd = cwd_of[name] = tmp_path_factory.mktemp(name)
         art = cwd / "copy.ptz"
         shutil.copy(trained_run["artifact"], art)
         nproc = spec.pop("nproc")
@@ -649,6 +650,7 @@ def eval_only_runs(trained_run, corpus, tmp_path_factory):
     for name, proc in jobs.items():
         stdout, stderr = proc.communicate(timeout=240)
         out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        out[name].cwd = cwd_of[name]
     return out
 
 
@@ -687,3 +689,9 @@ def test_ngram_off_reports_sliding_only(eval_only_runs, trained_run):
     assert not re.search(r"^ngram_audit ", proc.stdout, re.M)
     assert got["sliding"]["val_bpb"] == pytest.approx(trained_run["finals"]["sliding"]["val_bpb"], rel=1e-6)
     assert got["sliding"]["coverage"] == 1.0
+    # the per-token dump still covers every target, with no n-gram anywhere
+    d = np.load(proc.cwd / "dump_no_ngram.npz")
+    assert np.array_equal(d["pos"], np.arange(1, got["sliding"]["tokens"] + 1))
+    assert (d["order"] == 0).all() and np.isnan(d["p_ng"]).all() and np.isnan(d["alpha"]).all()
+    assert np.array_equal(d["nll_mixed"], d["nll_model"])
+    assert d["nll_model"].mean() == pytest.approx(got["sliding"]["val_loss"], abs=1e-6)

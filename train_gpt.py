@@ -394,7 +394,7 @@ def load_validation(args: Hyperparameters, rt: Runtime) -> Tensor:
     tokens = np.concatenate([shard_tokens(p) for p in find_shards(args.data_path, "val")])
     if len(tokens) < 2:
         raise UsageError(f"the validation shards under DATA_PATH={args.data_path} hold fewer than 2 tokens")
-    return torch.from_numpy(tokens.astype(np.int64))
+    return torch.from_numpy(tokens.astype(np.int64)).to(rt.device)  # resident once for every eval pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -991,11 +991,10 @@ class Deadline:
 def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger, *, label: str,
              seq_len: int, stride: int, deadline: Deadline, ngram=None, audit: set | None = None,
              dump: bool = False) -> dict:
-    """Score every target of the validation stream once, in windows split across ranks. With `ngram`
-    (order, p_ng tables), also the entropy-adaptive mixture, from the same model pass."""
+    """Score every target of the validation stream `val` (on rt.device) once, in windows split across
+    ranks. With `ngram` (order, p_ng tables), also the entropy-adaptive mixture, from the same pass."""
     t0 = time.perf_counter()
     n_tok = len(val)
-    val_dev = val.to(rt.device)
     ends = window_plan(n_tok, seq_len, stride)
     prev_ends = torch.cat((torch.zeros(1, dtype=torch.int64), ends[:-1]))
     lo, hi = len(ends) * rt.rank // rt.world_size, len(ends) * (rt.rank + 1) // rt.world_size
@@ -1012,17 +1011,17 @@ def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, 
                 complete = False
                 break
             rows, scored = window_batch(ends[b:min(b + B, hi)], prev_ends[b:min(b + B, hi)], seq_len, B)
-            inputs = val_dev[rows.to(rt.device, non_blocking=True)]
+            inputs = val[rows.to(rt.device, non_blocking=True)]
             pos_host = rows.flatten()[scored] + 1
             pos = pos_host.to(rt.device, non_blocking=True)
             with rt.autocast():  # the same precision as training
                 logits = model.logits(hidden_fn(inputs).flatten(0, 1)[scored.to(rt.device, non_blocking=True)])
             # float64 softmax: the distribution the logits define, normalized to 1e-15 (the audit checks 1e-6)
             logp = torch.log_softmax(logits.double(), dim=-1)
-            tgt = val_dev[pos]
+            tgt = val[pos]
             nll = -logp.gather(1, tgt[:, None]).squeeze(1)
             entropy = -(logp.exp() * logp).sum(-1)
-            nbytes = target_bytes(val_dev[pos - 1], tgt, luts).double()
+            nbytes = target_bytes(val[pos - 1], tgt, luts).double()
             sums[0] += nll.sum()
             sums[2] += nbytes.sum()
             sums[3] += len(pos)
@@ -1083,7 +1082,7 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
     ngram, audit, mixed = None, None, None
     if args.ngram:
         t0 = time.perf_counter()
-        ngram = ngram_tables(val.to(rt.device), args.vocab_size, args.ngram_min_order, args.ngram_max_order,
+        ngram = ngram_tables(val, args.vocab_size, args.ngram_min_order, args.ngram_max_order,
                              args.ngram_min_count)
         rt.sync()
         timings["ngram_precompute_ms"] = 1000 * (time.perf_counter() - t0)
@@ -1095,7 +1094,7 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
     log(final_line("sliding", res, "model"))
     if args.ngram:
         t0 = time.perf_counter()
-        rep = audit_ngram(res["records"], val.to(rt.device), args.vocab_size, args)
+        rep = audit_ngram(res["records"], val, args.vocab_size, args)
         parts = rt.gather_objects(rep)
         rep = {"positions": sum(p["positions"] for p in parts), "order_mismatch": sum(p["order_mismatch"] for p in parts),
                "max_sum_err": max(p["max_sum_err"] for p in parts), "max_target_err": max(p["max_target_err"] for p in parts)}

@@ -18,9 +18,24 @@ import build_corpus  # noqa: E402
 
 VOCAB = 512
 
-# A model small enough for a 2-core CPU; every architectural part stays switched on.
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU; skipped, with the reason, where there is none")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+# A model small enough for a 2-core CPU; every architectural part stays switched on. DEVICE=cpu so the
+# suite computes the same things on a machine with a GPU; the `cuda` tests ask for the GPU themselves.
 TINY = {
-    "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    "DEVICE": "cpu", "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
     "MLP_MULT": "2", "ROPE_DIMS": "8", "XSA_LAST_N": "1", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16",
     "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "ITERATIONS": "10", "WARMUP_STEPS": "2",
     "WARMDOWN_ITERS": "5", "TRAIN_LOG_EVERY": "1", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "16",

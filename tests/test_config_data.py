@@ -26,7 +26,7 @@ import sentencepiece as spm
 import torch
 
 import build_corpus
-from conftest import SCRIPT, TINY, VOCAB, finals, run_script, script_env, step_losses, tiny_args
+from conftest import ROOT, SCRIPT, TINY, VOCAB, finals, run_script, script_env, step_losses, tiny_args
 
 import train_gpt
 
@@ -99,6 +99,8 @@ CONFIG_CASES = {
     "batch_not_divisible": ({"TRAIN_BATCH_TOKENS": "1000"}, ["TRAIN_BATCH_TOKENS=1000", "GRAD_ACCUM_STEPS=8"]),
     "ngram_orders_reversed": ({"NGRAM_MIN_ORDER": "5", "NGRAM_MAX_ORDER": "3"},
                               ["NGRAM_MAX_ORDER=3", "NGRAM_MIN_ORDER=5"]),
+    # an n-gram score must come with its audit
+    "ngram_without_audit": ({"NGRAM": "1", "NGRAM_AUDIT_POSITIONS": "0"}, ["NGRAM_AUDIT_POSITIONS=0", "NGRAM=1"]),
 }
 
 
@@ -361,8 +363,8 @@ def test_prequant_counts_match_independent_count(corpus, sp, trained_run):
 
 FINAL_STRICT = re.compile(r"^final_(\w+) val_loss:(\d+\.\d+) val_bpb:(\d+\.\d+) tokens:(\d+) bytes:(\d+) "
                           r"coverage:(\d+\.\d+) eval_ms:(\d+)$")
-STEP_RE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\d+\.\d+) lr_mult:(\d+\.\d+) "
-                     r"step_ms:(\d+\.\d+) tok_s:(\d+) train_time_ms:(\d+)$")
+STEP_RE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\d+\.\d+) lr_mult:(\d+\.\d+) step_ms:(\d+\.\d+) "
+                     r"fwd_bwd_ms:(\d+\.\d+) opt_ms:(\d+\.\d+) other_ms:(-?\d+\.\d+) tok_s:(\d+) train_time_ms:(\d+)$")
 
 
 def test_log_file_contents(trained_run):
@@ -389,6 +391,10 @@ def test_log_file_contents(trained_run):
         s = int(m.group(1))
         assert float(m.group(4)) == pytest.approx(min(1.0, (iters - (s - 1)) / warmdown), abs=1e-4)
         assert math.isfinite(float(m.group(3)))
+        # the breakdown: forward+backward, optimizer and everything else add up to the mean step time
+        step_ms, fb, opt, other = (float(m.group(i)) for i in (5, 6, 7, 8))
+        assert fb > 0 and opt > 0 and fb + opt + other == pytest.approx(step_ms, abs=0.02)
+        assert int(m.group(10)) == pytest.approx(step_ms * s, abs=1 + 0.01 * s)
     # the same step lines on stdout
     assert [m.group(0) for m in steps] == [l for l in trained_run["stdout"].splitlines() if l.startswith("step:")]
     # final lines: exact format, each kind once, in order
@@ -430,6 +436,33 @@ def test_two_processes_match_one_process(corpus, trained_run, tmp_path):
         assert (f2[kind]["tokens"], f2[kind]["bytes"], f2[kind]["coverage"]) == \
                (f1[kind]["tokens"], f1[kind]["bytes"], f1[kind]["coverage"]), kind
         assert f2[kind]["val_bpb"] == pytest.approx(f1[kind]["val_bpb"], rel=1e-3), (kind, f1[kind], f2[kind])
+
+
+def test_two_processes_accumulate_the_same_gradients(corpus, tmp_path):
+    """The gradient both world sizes hand to the optimizer, compared directly: world 1 with 8
+    accumulation steps against world 2 with 4 each, averaged by DDP. Muon's orthogonalization,
+    AdamW's normalization and clipping would hide a wrong scale (an 8x loss moves 4-step losses by
+    under 5e-5), so the comparison is made before any of them, on every parameter."""
+    probe = os.path.join(ROOT, "tests", "grad_probe.py")
+    got = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"grads{nproc}.pt"
+        cmd = [sys.executable, probe, str(out)] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe, str(out)]
+        proc = subprocess.run(cmd, cwd=str(tmp_path), env=script_env(corpus, str(tmp_path)), capture_output=True,
+                              text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        got[nproc] = torch.load(out)
+    one, two = got[1], got[2]
+    assert (one["world_size"], one["accum"], two["world_size"], two["accum"]) == (1, 8, 2, 4)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert set(one["grads"]) == set(two["grads"]) and len(one["grads"]) > 20
+    for name, g1 in one["grads"].items():
+        g2 = two["grads"][name]
+        scale = float(g1.abs().max())
+        assert scale > 0, f"{name}: zero gradient, the comparison would be empty"
+        assert float((g2 - g1).abs().max()) <= 1e-5 * scale, name
+        assert float(g2.norm() / g1.norm()) == pytest.approx(1.0, abs=1e-5), name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import unicodedata
 
 import numpy as np
@@ -46,7 +47,7 @@ class FakeRuntime:
         self.reduced.append(t.detach().clone())
         return t
 
-    def gather_objects(self, obj):
+    def gather_objects(self, obj, everywhere=True):
         return [obj]
 
 
@@ -304,7 +305,7 @@ def test_evaluate_short_streams_more_ranks_than_windows(luts, n):
 
 def test_evaluate_records_pass_the_audit(eval_setup, luts):
     """The audit records come from the real fast path, for exactly the requested positions (split over
-    ranks), and the brute-force rebuild of the whole mixed distribution agrees with them."""
+    ranks), and the independent rebuild of the whole mixed distribution agrees with them."""
     model, val, tables = eval_setup
     args = tiny_args(EVAL_BATCH_SEQS=6)
     picks = train_gpt.audit_positions(tables[0], 40, 0)
@@ -313,11 +314,82 @@ def test_evaluate_records_pass_the_audit(eval_setup, luts):
     records = [r for res, _ in per_rank for r in res["records"]]
     assert sorted(r[0] for r in records) == sorted(picks)
     d = merged_dump(per_rank)
-    for t, logp_row, p_fast, order in records:
+    for t, p_fast, order in records:
         assert order == d["order"][t - 1] and p_fast == pytest.approx(math.exp(-d["nll_mixed"][t - 1]), rel=1e-9)
-    rep = train_gpt.audit_ngram(records, val, 512, args)
+    rows = train_gpt.audit_model_logp(model, val, [r[0] for r in records], args, FakeRuntime())
+    rep = train_gpt.audit_ngram(records, rows, val, 512, args)
     assert rep["positions"] == len(picks) and rep["order_mismatch"] == 0
     assert rep["max_sum_err"] <= 1e-6 and rep["max_target_err"] <= 1e-6
+
+
+def test_audit_model_rows_see_only_the_prefix(eval_setup):
+    """The audit's model row for t equals a plain forward of only the tokens before t (from the start
+    of t's window), and changing x_t or anything after it leaves it bitwise unchanged."""
+    model, val, _ = eval_setup
+    n, args = len(val), tiny_args(EVAL_BATCH_SEQS=4)
+    cut = 402
+    positions = [1, 2, 63, 64, 65, 80, 81, 400, cut, cut + 1, n - 2, n - 1]
+    rows = train_gpt.audit_model_logp(model, val, positions, args, FakeRuntime())
+    changed = val.clone()
+    changed[cut:] = (changed[cut:] * 7 + 3) % 512  # x_t and everything after it, for t = cut
+    rows_changed = train_gpt.audit_model_logp(model, changed, positions, args, FakeRuntime())
+    with torch.no_grad():
+        for i, t in enumerate(positions):
+            start = max(0, my_window_end(t, n, 64, 16) - 64)
+            h = model.hidden(val[start:t][None])[0, -1]
+            want = torch.log_softmax(model.logits(h, torch.float64), -1)
+            assert torch.allclose(rows[i], want, atol=1e-5), t
+            assert torch.equal(rows[i], rows_changed[i]) == (t <= cut), t  # later rows see the change
+
+
+def leak_patches(monkeypatch, kind):
+    """Two ways a fast path can see the token it scores: attention that is not causal, and a head
+    read one position too late (at the target's own input position)."""
+    if kind == "non_causal_attention":
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(train_gpt.F, "scaled_dot_product_attention",
+                            lambda q, k, v, is_causal, **kw: sdpa(q, k, v, is_causal=False, **kw))
+    elif kind == "head_one_position_late":
+        real = train_gpt.eval_logprobs
+        monkeypatch.setattr(train_gpt, "eval_logprobs", lambda m, fn, x, rows, rt: real(
+            m, fn, x, torch.clamp(rows + 1, max=x.numel() - 1), rt))
+
+
+@pytest.mark.parametrize("kind", [None, "non_causal_attention", "head_one_position_late"])
+def test_audit_fails_on_a_fast_path_that_sees_the_target(eval_setup, luts, monkeypatch, kind):
+    model, val, tables = eval_setup
+    if kind:
+        leak_patches(monkeypatch, kind)
+    args = tiny_args(EVAL_BATCH_SEQS=6)
+    picks = train_gpt.audit_positions(tables[0], 40, 1)
+    (res, rt), = run_eval(model, val, luts, args, 1, 64, 16, ngram=tables, audit=picks)
+    rep = train_gpt.run_audit(model, val, res["records"], args, rt, train_gpt.Deadline(0))
+    assert rep["positions"] == len(picks) and rep["max_sum_err"] <= 1e-6 and not rep["late"]
+    if kind is None:
+        assert rep["max_target_err"] <= 1e-12
+    else:
+        assert rep["max_target_err"] > 1e-3, rep
+
+
+def test_audit_positions_are_seeded_spread_and_small(eval_setup):
+    import tracemalloc
+    _, val, tables = eval_setup
+    order = tables[0]
+    picks = train_gpt.audit_positions(order, 40, 0)
+    assert picks == sorted(set(picks)) == train_gpt.audit_positions(order, 40, 0)
+    assert picks != train_gpt.audit_positions(order, 40, 1)
+    assert all(1 <= t < len(val) for t in picks) and 30 <= len(picks) <= 40
+    assert sum(int(order[t]) > 0 for t in picks) >= 20  # the matched half, plus matches drawn uniformly
+    assert train_gpt.audit_positions(order[:3], 40, 0) == [1, 2]  # fewer targets than asked: all of them
+    # host memory independent of the stream length (62M targets on 8 ranks must not cost GBs each)
+    big = torch.zeros(4_000_000, dtype=torch.int8)
+    big[::3] = 2
+    tracemalloc.start()
+    picks = train_gpt.audit_positions(big, 256, 0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(picks) >= 200 and sum(int(big[t]) > 0 for t in picks) >= 128
+    assert peak < 200_000, peak
 
 
 def test_evaluate_expired_deadline_is_incomplete(eval_setup, luts):
@@ -438,35 +510,36 @@ def test_brute_force_distribution_is_normalized_and_matches(vocab, min_count):
 
 @pytest.fixture(scope="module")
 def audit_case():
+    """Records (t, p_fast, order) as a correct fast path would write them, with the model rows the
+    audit's own forward would give: random normalized rows over a 5-token vocabulary."""
     vocab = 5
     rng = np.random.default_rng(11)
     toks = rng.integers(0, vocab, 1500)
     tokens = torch.from_numpy(toks)
     args = ngram_args()
     order, p_ng = train_gpt.ngram_tables(tokens, vocab, 2, 7, 2)
-    positions = sorted(train_gpt.audit_positions(order, 40, 0))
+    positions = train_gpt.audit_positions(order, 40, 0)
     assert len(positions) >= 30 and sum(int(order[t]) > 0 for t in positions) >= 20
     assert all(1 <= t < len(toks) for t in positions)
     records, g = [], torch.Generator().manual_seed(11)
-    for t in positions:
-        logp = torch.log_softmax(torch.randn(vocab, generator=g) * 2, -1)
-        p_model = float(logp[toks[t]].double().exp())
-        ent = float(-(logp.double().exp() * logp.double()).sum())
-        a = float(my_alpha(ent))
+    rows = torch.log_softmax(torch.randn(len(positions), vocab, generator=g, dtype=torch.float64) * 2, -1)
+    for t, logp in zip(positions, rows):
+        p_model = float(logp[toks[t]].exp())
+        a = float(my_alpha(float(-(logp.exp() * logp).sum())))
         p = (1 - a) * p_model + a * float(p_ng[t]) if int(order[t]) > 0 else p_model
-        records.append((t, logp, p, int(order[t])))
-    return tokens, vocab, args, records
+        records.append((t, p, int(order[t])))
+    return tokens, vocab, args, records, rows
 
 
 def test_audit_passes_on_correct_records(audit_case):
-    tokens, vocab, args, records = audit_case
-    rep = train_gpt.audit_ngram(records, tokens, vocab, args)
+    tokens, vocab, args, records, rows = audit_case
+    rep = train_gpt.audit_ngram(records, rows, tokens, vocab, args)
     assert rep["positions"] == len(records)
     assert rep["max_sum_err"] <= 1e-6 and rep["max_target_err"] <= 1e-6 and rep["order_mismatch"] == 0
 
 
 def test_audit_detects_unnormalized_distributions(audit_case):
-    tokens, vocab, args, records = audit_case
+    tokens, vocab, args, records, rows = audit_case
 
     def raw_counts(tok, t, v, a):
         dist, o = train_gpt.brute_force_ngram(tok, t, v, a)
@@ -481,33 +554,36 @@ def test_audit_detects_unnormalized_distributions(audit_case):
         return (None if dist is None else dist * 1.01), o
 
     for fn in (raw_counts, inflated):
-        rep = train_gpt.audit_ngram(records, tokens, vocab, args, dist_fn=fn)
+        rep = train_gpt.audit_ngram(records, rows, tokens, vocab, args, dist_fn=fn)
         assert rep["max_sum_err"] > 1e-4, (fn.__name__, rep)
+    rep = train_gpt.audit_ngram(records, rows + 0.01, tokens, vocab, args)  # a model row summing to e^0.01
+    assert rep["max_sum_err"] > 1e-3
 
 
 def test_audit_detects_wrong_order_and_wrong_fast_value(audit_case):
-    tokens, vocab, args, records = audit_case
+    tokens, vocab, args, records, rows = audit_case
 
     def wrong_order(tok, t, v, a):
         dist, o = train_gpt.brute_force_ngram(tok, t, v, a)
         return dist, (o + 1 if dist is not None else 0)
 
-    rep = train_gpt.audit_ngram(records, tokens, vocab, args, dist_fn=wrong_order)
+    rep = train_gpt.audit_ngram(records, rows, tokens, vocab, args, dist_fn=wrong_order)
     assert rep["order_mismatch"] > 0 and rep["max_sum_err"] <= 1e-6
-    bad = [(t, lp, p * 1.01, o) for t, lp, p, o in records]
-    rep = train_gpt.audit_ngram(bad, tokens, vocab, args)
+    bad = [(t, p * 1.01, o) for t, p, o in records]
+    rep = train_gpt.audit_ngram(bad, rows, tokens, vocab, args)
     assert rep["max_target_err"] > 1e-5
     # a fast path that peeked at x_t (counted position t itself before scoring it) is caught too
     toks = tokens.tolist()
-    i = next(j for j, r in enumerate(records) if r[3] > 0 and 0 < p_ng_of(toks, r[0], r[3]) < 1)
-    t, lp, _, o = records[i]
+    i = next(j for j, r in enumerate(records) if r[2] > 0 and 0 < p_ng_of(toks, r[0], r[2]) < 1)
+    t, _, o = records[i]
     k = o - 1
     same = [s for s in range(k, t + 1) if toks[s - k:s] == toks[t - k:t]]  # includes s = t
     p_peek = sum(toks[s] == toks[t] for s in same) / len(same)
-    a = float(my_alpha(float(-(lp.double().exp() * lp.double()).sum())))
+    lp = rows[i]
+    a = float(my_alpha(float(-(lp.exp() * lp).sum())))
     peek = list(records)
-    peek[i] = (t, lp, (1 - a) * float(lp[toks[t]].double().exp()) + a * p_peek, o)
-    rep = train_gpt.audit_ngram(peek, tokens, vocab, args)
+    peek[i] = (t, (1 - a) * float(lp[toks[t]].exp()) + a * p_peek, o)
+    rep = train_gpt.audit_ngram(peek, rows, tokens, vocab, args)
     assert rep["max_target_err"] > 1e-6
 
 
@@ -633,7 +709,8 @@ def test_dump_matches_artifact_model(trained_run, corpus):
 def eval_only_runs(trained_run, corpus, tmp_path_factory):
     """The three EVAL_ONLY runs, launched together to save wall time."""
     jobs = {}
-    specs = {"two_procs": dict(nproc=2), "budget": dict(nproc=1, EVAL_BUDGET_SECONDS=0.001),
+    specs = {"two_procs": dict(nproc=2, EVAL_DUMP_PATH="dump_two_procs.npz"),
+             "budget": dict(nproc=1, EVAL_BUDGET_SECONDS=0.001),
              "no_ngram": dict(nproc=1, NGRAM=0, EVAL_DUMP_PATH="dump_no_ngram.npz")}
     cwd_of = {}
     for name, spec in specs.items():
@@ -666,6 +743,10 @@ def test_two_processes_give_the_same_score(eval_only_runs, trained_run):
         assert got[kind]["coverage"] == 1.0
     m = re.search(r"^ngram_audit positions:(\d+) max_sum_err:(\S+) max_target_err:(\S+) order_mismatch:0", proc.stdout, re.M)
     assert m and int(m.group(1)) > 0 and float(m.group(2)) <= 1e-6
+    # the dump is gathered on rank 0 from both ranks' windows: the same rows as the one-process dump
+    two, one = np.load(proc.cwd / "dump_two_procs.npz"), np.load(trained_run["dump"])
+    assert np.array_equal(two["pos"], one["pos"]) and np.array_equal(two["order"], one["order"])
+    np.testing.assert_allclose(two["nll_mixed"], one["nll_mixed"], rtol=0, atol=1e-6)
 
 
 def test_budget_too_small_reports_no_score(eval_only_runs):
@@ -679,6 +760,35 @@ def test_budget_too_small_reports_no_score(eval_only_runs):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("phase", ["ngram_tables", "audit_ngram"])
+def test_deadline_covers_the_precompute_and_the_audit(trained_run, corpus, luts, monkeypatch, phase):
+    """The eval clock runs through the n-gram precompute and the audit too: a run that passes its
+    budget in either prints INCOMPLETE for every score not finished inside it, and reports none."""
+    val = torch.from_numpy(val_tokens(corpus))
+    env = dict(EVAL_ONLY=1, ARTIFACT_PATH=str(trained_run["artifact"]))
+    t0 = time.perf_counter()
+    train_gpt.evaluate_artifact(tiny_args(**env), FakeRuntime(), quiet, val, luts)
+    budget = 2 * (time.perf_counter() - t0) + 0.5  # twice what the whole eval needs
+    real = getattr(train_gpt, phase)
+
+    def slow(*a, **k):
+        out = real(*a, **k)
+        time.sleep(budget)
+        return out
+
+    monkeypatch.setattr(train_gpt, phase, slow)
+    lines = []
+    with pytest.raises(train_gpt.EvalFailure, match="within its budget"):
+        train_gpt.evaluate_artifact(tiny_args(EVAL_BUDGET_SECONDS=budget, **env), FakeRuntime(),
+                                    lambda msg, **k: lines.append(msg), val, luts)
+    text = "\n".join(lines)
+    assert re.search(r"^final_ngram INCOMPLETE ", text, re.M) and "final_ngram val_loss" not in text
+    assert re.search(r"^final_roundtrip val_loss:", text, re.M)  # finished well inside the budget
+    sliding_done = re.search(r"^final_sliding val_loss:", text, re.M) is not None
+    assert sliding_done == (phase == "audit_ngram"), text  # a late precompute leaves the pass no time
+    assert re.search(r"^eval INCOMPLETE: ", text, re.M)
 
 
 def test_ngram_off_reports_sliding_only(eval_only_runs, trained_run):

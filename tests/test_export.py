@@ -514,6 +514,20 @@ def test_roundtrip_bpb_close_to_prequant(trained_run):
     assert abs(rt["val_bpb"] - pre["val_bpb"]) < 0.01 * pre["val_bpb"]
 
 
+def test_export_work_runs_on_rank_0_only(monkeypatch, tmp_path):
+    """Quantization and zstd run once, on rank 0; another rank neither computes nor writes anything."""
+    import types
+    args = tiny_args(ARTIFACT_PATH=str(tmp_path / "a.ptz"))
+    calls = []
+    real = T.quantize_state
+    monkeypatch.setattr(T, "quantize_state", lambda state: calls.append(1) or real(state))
+    model = T.GPT(args)
+    T.export_artifact(model, args, types.SimpleNamespace(master=False, world_size=1))
+    assert calls == [] and not (tmp_path / "a.ptz").exists()
+    T.export_artifact(model, args, types.SimpleNamespace(master=True, world_size=1))
+    assert calls == [1] and (tmp_path / "a.ptz").stat().st_size > 0
+
+
 def test_over_the_limit_is_a_clear_failure(background):
     over_limit_run = background["over_limit"]
     proc = over_limit_run.result()

@@ -2,6 +2,11 @@
 
     python tools/build_corpus.py --out data/demo --synthetic 3000            # generated English-like text
     python tools/build_corpus.py --out data/mine --text a.txt b.txt          # your own files
+    python tools/build_corpus.py --out data/docs --python-docs 24 --shuffle  # 24 MB of docstrings
+
+--python-docs collects the docstrings (of at least 200 characters) of every module, class and function
+in the Python installation that runs it, standard library first, then the installed packages: English
+technical prose that any machine with Python has, the GPU machines included.
 
 Documents: one per paragraph of each text file (paragraphs are separated by a blank line or by a
 line holding only '%', the format of fortune(6) files). The first --val-docs documents
@@ -12,9 +17,12 @@ options (BPE, byte fallback, split digits, nmt_nfkc, no dummy prefix, pad/bos/eo
 from __future__ import annotations
 
 import argparse
+import ast
+import multiprocessing
 import os
 import random
 import re
+import sysconfig
 
 import numpy as np
 import sentencepiece as spm
@@ -53,6 +61,39 @@ def read_documents(paths: list[str]) -> list[str]:
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:
             docs += [p.strip() for p in re.split(r"\n[ \t]*\n|\n%\n", f.read()) if p.strip()]
+    return docs
+
+
+def _docstrings(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = (ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds))
+    return [d.strip() for d in docs if d and len(d.strip()) >= 200]
+
+
+def python_documents(max_mb: float) -> list[str]:
+    """Distinct docstrings of the installed Python, in a fixed order, until max_mb MB of text."""
+    paths = sysconfig.get_paths()
+    files = []
+    for root in [paths["stdlib"]] + sorted({paths["purelib"], paths["platlib"]}):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "test", "tests"))
+            files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    docs, seen, size = [], set(), 0
+    with multiprocessing.Pool() as pool:
+        for found in pool.imap(_docstrings, files, chunksize=16):
+            for d in found:
+                if d not in seen:
+                    seen.add(d)
+                    docs.append(d)
+                    size += len(d.encode("utf-8"))
+            if size >= max_mb * 1e6:
+                pool.terminate()
+                break
     return docs
 
 
@@ -101,12 +142,16 @@ def main() -> None:
     src.add_argument("--text", nargs="+", help="UTF-8 text files; paragraphs become documents")
     ap.add_argument("--shuffle", action="store_true", help="shuffle documents (seeded) before the val split")
     src.add_argument("--synthetic", type=int, help="number of generated documents")
+    src.add_argument("--python-docs", type=float, metavar="MB", help="MB of docstrings of the installed Python")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--val-docs", type=int, default=200)
     ap.add_argument("--shard-tokens", type=int, default=10**8)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    docs = read_documents(a.text) if a.text else synthetic_documents(a.synthetic, a.seed)
+    if a.python_docs:
+        docs = python_documents(a.python_docs)
+    else:
+        docs = read_documents(a.text) if a.text else synthetic_documents(a.synthetic, a.seed)
     if a.shuffle:
         random.Random(a.seed).shuffle(docs)
     if len(docs) <= a.val_docs:

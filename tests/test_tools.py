@@ -1,0 +1,29 @@
+"""tools/gpu_check.sh is only ever run on a lent GPU, where a broken script costs the whole lease: its dry
+mode runs every step on the CPU at toy size, and must reach a complete, audited run and its summary."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+from conftest import ROOT
+
+
+def test_gpu_check_dry_run_completes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "PYTHONPATH", "LANG")}
+    env.update(GPU_CHECK_DIR=str(tmp_path / "check"), GPU_CHECK_TRAIN_SECONDS="5", OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), "--dry"], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=400)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
+    stages = re.findall(r"^== \[\d+ s\] (\S+)", out, re.M)
+    assert stages == ["environment", "corpus:", "train_gpt.py:", "cuda", "n-gram", "summary"], stages
+    summary = out.split("] summary\n", 1)[1]
+    assert re.search(r"^steps:\d+ ms/step:\S+ \(forward\+backward \S+, optimizer \S+, rest \S+\)$", summary, re.M)
+    for kind in ("prequant", "roundtrip", "sliding", "ngram"):
+        assert re.search(rf"^final_{kind} val_loss:\S+ val_bpb:\S+ .*coverage:1.000000 ", summary, re.M), kind
+    assert re.search(r"^ngram_audit positions:64 .*order_mismatch:0 tol:1e-06 sampled:64$", summary, re.M)
+    assert re.search(r"^tokens:1000000 device:cpu seconds:\S+ ", out, re.M)
+    assert re.search(r"^SKIPPED \[\d+\] tests/test_cuda.py: needs a CUDA GPU", out, re.M)
+    assert re.search(r"^train_gpt rc:0 cuda_tests rc:0 total_s:\d+$", out, re.M)
+    assert os.path.isfile(tmp_path / "check" / "final_model.ptz")

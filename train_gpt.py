@@ -8,6 +8,7 @@ Every knob is an environment variable (see Hyperparameters). Launch:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import datetime
@@ -130,6 +131,7 @@ class Hyperparameters:
         # Export.
         self.artifact_path = env("ARTIFACT_PATH", "final_model.ptz", str)
         self.artifact_limit_bytes = env("ARTIFACT_LIMIT_BYTES", 16_000_000, int, 1)
+        self.export_gptq = env("EXPORT_GPTQ", True, bool)
         self.eval_only = env("EVAL_ONLY", False, bool)
         # Evaluation.
         self.eval_seq_len = env("EVAL_SEQ_LEN", 2048, int, 1)
@@ -640,6 +642,9 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
 # Training
 
 
+CALIB_STEPS = 2  # training steps of wall clock kept for the calibration (one batch, eager)
+
+
 class Trainer:
     def __init__(self, args: Hyperparameters, rt: Runtime, model: GPT, loader: BatchLoader, log: Logger):
         self.args, self.rt, self.model, self.loader, self.log = args, rt, model, loader, log
@@ -709,8 +714,10 @@ class Trainer:
         self.log(f"warmup_steps:{self.args.warmup_steps} warmup_ms:{1000 * (time.perf_counter() - t0):.0f} (undone)")
 
     def train(self) -> dict:
-        """Steps until ITERATIONS or until the next step would end past MAX_WALLCLOCK_SECONDS (the slowest
-        of the last 16 steps stands for it), then the EMA weights are swapped in."""
+        """Steps until ITERATIONS or until the next step, and the export's calibration after it, would end
+        past MAX_WALLCLOCK_SECONDS (the slowest of the last 16 steps stands for a step; the calibration,
+        one more batch run eagerly, is given CALIB_STEPS of them); then the EMA weights are swapped in
+        and calibrated on the next training batch, inside the same budget."""
         args, rt = self.args, self.rt
         ema = [p.detach().float().clone() for p in self.params]
         budget_ms = 1000 * args.max_wallclock_seconds
@@ -729,7 +736,7 @@ class Trainer:
             elapsed_ms = now_ms
             phases = [total + (a.elapsed_time(b) if rt.is_cuda else 1000 * (b - a))
                       for total, a, b in zip(phases, marks, marks[1:])]
-            stop = budget_ms > 0 and elapsed_ms + max(recent) > budget_ms
+            stop = budget_ms > 0 and elapsed_ms + (1 + CALIB_STEPS) * max(recent) > budget_ms
             # one collective per step carries the loss and every rank's stop flag
             loss, stop = rt.all_reduce(torch.stack((local_loss, torch.tensor(float(stop), device=rt.device)))).tolist()
             loss, stop = loss / rt.world_size, stop > 0
@@ -740,41 +747,49 @@ class Trainer:
                          f"other_ms:{elapsed_ms / step - fb - opt:.2f} "
                          f"tok_s:{args.train_batch_tokens * step / (elapsed_ms / 1000):.0f} train_time_ms:{elapsed_ms:.0f}")
             if stop:
-                self.log(f"stopping_early: the next step would end past MAX_WALLCLOCK_SECONDS="
-                         f"{args.max_wallclock_seconds:g} (predicted {max(recent):.0f} ms) at step {step}")
+                self.log(f"stopping_early: the next step and the calibration would end past MAX_WALLCLOCK_SECONDS="
+                         f"{args.max_wallclock_seconds:g} (predicted {max(recent):.0f} ms a step) at step {step}")
                 break
         with torch.no_grad():
             for p, e in zip(self.params, ema):
                 p.copy_(e.to(p.dtype))
+        calib = calibrate(self.model, self.loader.next_step(), rt, t0 + budget_ms / 1000 if budget_ms else math.inf)
+        total_ms = 1000 * (time.perf_counter() - t0)
+        self.log(f"calibration tokens:{calib['tokens']} ms:{total_ms - elapsed_ms:.0f} "
+                 f"train_total_ms:{total_ms:.0f}")
         if rt.is_cuda:
             self.log(f"peak_memory_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}")
-        return {"steps": step, "train_seconds": elapsed_ms / 1000, "train_loss": loss}
+        return {"steps": step, "train_seconds": total_ms / 1000, "train_loss": loss, "calib": calib}
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: mixed int5/int6 per-row quantization, deterministic serialization, zstd-22
+# Export: a budget-fit mixed int5/int6 quantization, deterministic serialization, zstd-22
 
-ARTIFACT_FORMAT = "pgolf-mixed-int-v1"
+ARTIFACT_FORMAT = "pgolf-mixed-int-v2"
 CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75)
 FP16_MAX_ELEMENTS = 8192
 
 
 def quant_levels(name: str, t: Tensor) -> int:
-    """qmax for a tensor (0: keep fp16). int5 for MLP matrices, int6 for attention, the bigram
+    """Default qmax of a tensor (0: keep fp16). int5 for MLP matrices, int6 for attention, the bigram
     projection and the bigram table; the tied embedding (also the output head) and small tensors fp16."""
     if t.ndim != 2 or t.numel() <= FP16_MAX_ELEMENTS or name == "tok_emb.weight":
         return 0
     return 15 if ".mlp." in name else 31
 
 
+def fp16_scale(scale: Tensor) -> Tensor:
+    return scale.clamp(2.0 ** -24, 65504.0).half().float()
+
+
 def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization; each row keeps the clip ratio with the least squared error
-    (with the scale rounded to fp16, as it is stored)."""
+    """Symmetric per-row quantization at the finest step the range allows: each row keeps the clip
+    ratio with the least squared error (with the scale rounded to fp16, as it is stored)."""
     w = w.float()
     row_max = w.abs().amax(dim=1)
     best_q, best_s, best_err = None, None, None
     for ratio in CLIP_RATIOS:
-        scale = (row_max * ratio / qmax).clamp(2.0 ** -24, 65504.0).half().float()
+        scale = fp16_scale(row_max * ratio / qmax)
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = (q * scale[:, None] - w).square().sum(dim=1)
         if best_err is None:
@@ -787,13 +802,175 @@ def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
     return best_q.to(torch.int8), best_s.half()
 
 
-def quantize_state(state: dict[str, Tensor]) -> dict[str, tuple]:
-    out = {}
-    for name in sorted(state):
-        t = state[name].detach().cpu()
-        qmax = quant_levels(name, t)
-        out[name] = ("int", qmax, *quantize_rows(t, qmax)) if qmax else ("fp16", 0, t.half(), None)
-    return out
+FIT_MARGIN = 0.0025  # aim this far under the limit; accept up to twice as far
+
+
+def _gram_hook(gram: Tensor):
+    def hook(module, inputs):
+        x = inputs[0].detach().flatten(0, -2).float()
+        gram.addmm_(x.T, x)
+    return hook
+
+
+def calibrate(model: GPT, micro_batches, rt: Runtime, deadline: float) -> dict:
+    """What the export learns from training data: {"tokens": how many, "tensors": per quantized matrix
+    its statistics}. For each: `fisher`, each row's summed
+    squared gradient under labels drawn from the model itself (in expectation, the curvature a rounding
+    error in that row meets), and for linear layers `gram`, the Gram matrix of the layer's inputs (for
+    error-compensating rounding). Micro-batches stop once the next would end past `deadline` (a
+    perf_counter time; the first always runs). Summed over micro-batches and ranks."""
+    stats, hooks, params = {}, [], dict(model.named_parameters())
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and quant_levels(name + ".weight", mod.weight):
+            st = stats[name + ".weight"] = {"fisher": torch.zeros(mod.weight.shape[0], device=rt.device)}
+            if isinstance(mod, nn.Linear):
+                st["gram"] = torch.zeros(mod.in_features, mod.in_features, device=rt.device)
+                hooks.append(mod.register_forward_pre_hook(_gram_hook(st["gram"])))
+    count = torch.zeros((), device=rt.device)
+    try:
+        for x, _ in micro_batches:
+            t0 = time.perf_counter()
+            with rt.autocast():
+                logits = model.logits(model.hidden(x)).flatten(0, 1)
+            sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1).squeeze(1)
+            F.cross_entropy(logits, sampled).backward()
+            for name, st in stats.items():
+                st["fisher"] += params[name].grad.float().square().sum(1)
+            model.zero_grad(set_to_none=True)
+            count += x.numel()
+            rt.sync()
+            if time.perf_counter() + (time.perf_counter() - t0) > deadline:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"tokens": int(rt.all_reduce(count).item()),
+            "tensors": {name: {k: rt.all_reduce(v).cpu() for k, v in st.items()} for name, st in stats.items()}}
+
+
+def gptq_factor(gram: Tensor) -> Tensor:
+    """The upper Cholesky factor of the inverse of the inputs' Gram matrix, damped by 1% of its mean
+    diagonal: what error-compensating rounding spreads each column's error by. Fixed per tensor."""
+    damp = 0.01 * float(gram.diagonal().mean()) or 1.0
+    h = gram.double() + damp * torch.eye(len(gram), dtype=torch.float64)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+
+
+def gptq_codes(w: Tensor, scale: Tensor, qmax: int, u: Tensor, block: int = 128) -> Tensor:
+    """Error-compensating rounding (GPTQ, Frantar et al. 2022) at fixed per-row steps: columns are
+    rounded in turn, and each one's error is spread over the columns still to come in the proportions
+    that least change the layer's output on the calibration inputs (u = gptq_factor of their Gram)."""
+    w = w.float().clone()
+    q = torch.empty_like(w)
+    for i in range(0, w.shape[1], block):
+        j = min(i + block, w.shape[1])
+        err = torch.empty(w.shape[0], j - i)
+        for c in range(i, j):
+            q[:, c] = torch.clamp(torch.round(w[:, c] / scale), -qmax, qmax)
+            err[:, c - i] = (w[:, c] - q[:, c] * scale) / u[c, c]
+            w[:, c + 1:j] -= err[:, c - i, None] * u[c, c + 1:j]
+        w[:, j:] -= err @ u[i:j, j:]
+    return q.to(torch.int8)
+
+
+def code_entropy_bytes(q: Tensor) -> float:
+    """Order-0 entropy of a tensor's codes, in bytes: what an entropy coder needs, near what zstd takes."""
+    p = torch.bincount(q.flatten().long() + 128, minlength=256).double() / q.numel()
+    return float(-(p[p > 0] * p[p > 0].log2()).sum()) * q.numel() / 8
+
+
+QMAX_LADDER = (15, 31, 63, 127)  # int5, int6, int7, int8: the codes are stored as int8 whatever the range
+
+
+class BudgetFit:
+    """Every row's quantization step, from one trade-off for the whole artifact. At multiplier c a row's
+    step is c / sqrt(a), a its Fisher information per weight: with the loss of a row growing as
+    a*n*step^2/12 and its bytes as n*(h - log2 step)/8, that puts the marginal loss per byte equal in
+    every row, the least loss for the bytes. Steps stay between the finest the row's code range allows
+    (the clip search) and half the row's largest weight. A tensor keeps its default range unless most
+    of its rows want finer steps than that range holds: then it moves up the ladder (int5 -> int6 ->
+    int7 -> int8) as far as they do. Without statistics every weight counts the same."""
+
+    def __init__(self, state: dict[str, Tensor], stats: dict | None):
+        self.fixed, self.rows = {}, {}
+        for name in sorted(state):
+            t = state[name].detach().float().cpu()
+            qmax = quant_levels(name, t)
+            if not qmax:
+                self.fixed[name] = ("fp16", 0, t.half(), None)
+                continue
+            st = stats["tensors"].get(name, {}) if stats else {}
+            a = st.get("fisher", torch.ones(t.shape[0])) / t.shape[1]
+            fine = {q: quantize_rows(t, q)[1].float() for q in QMAX_LADDER if q >= qmax}
+            self.rows[name] = {"w": t, "qmax": qmax, "gram": st.get("gram"), "fine": fine,
+                               "sens": a.clamp_min(1e-3 * float(a.mean()) or 1e-30),  # rows the data never reached
+                               "coarse": torch.maximum(fp16_scale(t.abs().amax(1) / 2), fine[qmax])}
+        # log c from "every row at its finest (int8 for all)" to "every row at its coarsest"
+        rows = self.rows.values()
+        self.bounds = ((math.log(min(float((r["fine"][127] * r["sens"].sqrt()).min()) for r in rows)),
+                        math.log(max(float((r["coarse"] * r["sens"].sqrt()).max()) for r in rows)))
+                       if self.rows else (0.0, 0.0))
+
+    def plan(self, c: float) -> dict[str, tuple[int, Tensor]]:
+        out = {}
+        for name, r in self.rows.items():
+            want = c / r["sens"].sqrt()
+            qmax = next(q for q in sorted(r["fine"]) if q == 127 or float((want < r["fine"][q]).float().mean()) <= 0.5)
+            out[name] = qmax, fp16_scale(torch.clamp(want, r["fine"][qmax], r["coarse"]))
+        return out
+
+    def quantize(self, c: float, gptq: bool) -> dict[str, tuple]:
+        out = dict(self.fixed)
+        for name, (qmax, s) in self.plan(c).items():
+            r = self.rows[name]
+            if gptq and r["gram"] is not None:
+                if "u" not in r:
+                    r["u"] = gptq_factor(r["gram"])
+                q = gptq_codes(r["w"], s, qmax, r["u"])
+            else:
+                q = torch.clamp(torch.round(r["w"] / s[:, None]), -qmax, qmax).to(torch.int8)
+            out[name] = ("int", qmax, q, s.half())
+        return dict(sorted(out.items()))
+
+    def estimate(self, quantized: dict[str, tuple]) -> dict[str, float]:
+        """Bytes by tensor: the codes' entropy plus the scales for int tensors, raw size for fp16 ones."""
+        return {name: code_entropy_bytes(q) + 2 * len(s) if kind == "int" else 2 * q.numel()
+                for name, (kind, _, q, s) in quantized.items()}
+
+    def solve(self, factor: float, target: float) -> tuple[float, float]:
+        """The smallest log c (the finest steps) whose estimated size, times `factor`, is within
+        `target`; bisected to 1/65536 of the range. Returns (log c, unscaled estimate)."""
+        def predict(lc):
+            return sum(self.estimate(self.quantize(math.exp(lc), False)).values())
+        lo, hi = self.bounds
+        best = (lo, predict(lo))
+        if best[1] * factor > target:
+            best = (hi, predict(hi))
+            for _ in range(16):
+                mid = (lo + hi) / 2
+                p = predict(mid)
+                lo, hi, best = (lo, mid, (mid, p)) if p * factor <= target else (mid, hi, best)
+        return best
+
+    def fit(self, limit: int, config: dict, gptq: bool) -> tuple[bytes, dict]:
+        """The finest plan whose real artifact fits `limit`, within 2*FIT_MARGIN under it when the budget
+        binds: each real zstd pass rescales the estimate until the artifact lands there."""
+        factor = 1.0
+        for passes in range(1, 7):
+            lc, predicted = self.solve(factor, limit * (1 - FIT_MARGIN))
+            quantized = self.quantize(math.exp(lc), gptq)
+            blob = serialize_artifact(quantized, config)
+            if len(blob) <= limit and (lc == self.bounds[0] or len(blob) >= limit * (1 - 2 * FIT_MARGIN)):
+                break
+            if len(blob) > limit and lc == self.bounds[1]:
+                raise EvalFailure(f"the model cannot fit: {len(blob)} bytes at the coarsest allowed steps > "
+                                  f"the {limit} bytes left for it; no artifact written")
+            factor = len(blob) / predicted
+        if len(blob) > limit:
+            raise EvalFailure(f"the export did not get under {limit} bytes in {passes} passes; no artifact written")
+        sizes = dict(zip(quantized, (4 + len(f) for f in split_frames(blob)[1:])))
+        return blob, {"c": math.exp(lc), "passes": passes, "predicted": round(predicted * factor), "bytes": len(blob),
+                      "sizes": sizes, "quantized": quantized}
 
 
 def dequantize_state(quantized: dict[str, tuple]) -> dict[str, Tensor]:
@@ -802,66 +979,104 @@ def dequantize_state(quantized: dict[str, tuple]) -> dict[str, Tensor]:
 
 
 def serialize_artifact(quantized: dict[str, tuple], config: dict) -> bytes:
-    """JSON header (shapes, kinds, model config) then raw little-endian blobs, grouped by kind so zstd
-    sees like with like. Same weights, same bytes."""
-    entries, blobs = [], []
-    for name, (kind, qmax, q, s) in quantized.items():
-        entries.append([name, kind, qmax, list(q.shape)])
-        blobs.append(q.contiguous().numpy().tobytes())
-    blobs += [s.contiguous().numpy().tobytes() for (kind, _, _, s) in quantized.values() if kind == "int"]
+    """A JSON header (model config; per tensor its name, kind, qmax and shape), then one payload per
+    tensor (its int8 codes and fp16 row scales, or its fp16 values), each compressed as a zstd-22 frame
+    of its own and prefixed by its length. A tensor's bytes depend on that tensor alone, so the fit's
+    estimate holds tensor by tensor (one frame over everything swung by several percent as steps moved).
+    Same weights, same bytes."""
+    entries = [[name, kind, qmax, list(q.shape)] for name, (kind, qmax, q, _) in quantized.items()]
     header = json.dumps({"format": ARTIFACT_FORMAT, "config": config, "tensors": entries}, sort_keys=True).encode()
-    raw = len(header).to_bytes(4, "little") + header + b"".join(blobs)
-    return zstandard.ZstdCompressor(level=22).compress(raw)
+    payloads = [header] + [q.contiguous().numpy().tobytes() + (b"" if s is None else s.contiguous().numpy().tobytes())
+                           for (_, _, q, s) in quantized.values()]
+    with concurrent.futures.ThreadPoolExecutor() as pool:  # zstd releases the GIL; a compressor per frame
+        frames = list(pool.map(lambda p: zstandard.ZstdCompressor(level=22).compress(p), payloads))
+    return b"".join(len(f).to_bytes(4, "little") + f for f in frames)
+
+
+def split_frames(blob: bytes) -> list[bytes]:
+    frames, pos = [], 0
+    while pos < len(blob):
+        n = int.from_bytes(blob[pos:pos + 4], "little")
+        if n == 0 or pos + 4 + n > len(blob):
+            raise ValueError(f"bad frame length {n} at byte {pos}")
+        frames.append(blob[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return frames
 
 
 ARTIFACT_ERRORS = (zstandard.ZstdError, ValueError, KeyError, TypeError, AttributeError)
 
 
-def read_artifact(path: str) -> tuple[dict, bytes, int]:
-    """Decompress an artifact and parse its header: (header, raw bytes, offset of the first blob)."""
+def read_artifact(path: str) -> tuple[dict, list[bytes]]:
+    """An artifact's parsed header and its tensors' (still compressed) frames."""
     if not os.path.isfile(path):
         raise UsageError(f"ARTIFACT_PATH={path} does not exist")
     try:
         with open(path, "rb") as f:
-            raw = zstandard.ZstdDecompressor().decompress(f.read())
-        n = int.from_bytes(raw[:4], "little")
-        header = json.loads(raw[4:4 + n])
+            frames = split_frames(f.read())
+        header = json.loads(zstandard.ZstdDecompressor().decompress(frames[0]) if frames else b"")
         if not isinstance(header, dict) or header.get("format") != ARTIFACT_FORMAT or not isinstance(header.get("config"), dict):
             raise ValueError(f"not a {ARTIFACT_FORMAT} artifact")
+        if len(header["tensors"]) != len(frames) - 1:
+            raise ValueError(f"{len(header['tensors'])} tensors in the header, {len(frames) - 1} frames")
     except ARTIFACT_ERRORS as e:
         raise UsageError(f"artifact {path} is corrupt ({type(e).__name__}: {e})") from None
-    return header, raw, 4 + n
+    return header, frames[1:]
 
 
 def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
     """Returns (model config, dequantized state). Anything malformed is a UsageError naming the file."""
-    header, raw, offset = read_artifact(path)
+    header, frames = read_artifact(path)
     try:
         quantized = {}
-        for name, kind, qmax, shape in header["tensors"]:
-            numel, dtype = math.prod(shape), np.int8 if kind == "int" else np.float16
-            arr = np.frombuffer(raw, dtype=dtype, count=numel, offset=offset).reshape(shape)
-            offset += arr.nbytes
-            quantized[name] = [kind, qmax, torch.from_numpy(arr.copy()), None]
-        for name, (kind, _, q, _) in quantized.items():
-            if kind == "int":
-                quantized[name][3] = torch.from_numpy(np.frombuffer(raw, np.float16, q.shape[0], offset).copy())
-                offset += 2 * q.shape[0]
-        if offset != len(raw):
-            raise ValueError("trailing bytes")
+        for (name, kind, qmax, shape), frame in zip(header["tensors"], frames):
+            raw, numel = zstandard.ZstdDecompressor().decompress(frame), math.prod(shape)
+            rows = shape[0] if kind == "int" else 0
+            if len(raw) != (numel + 2 * rows if kind == "int" else 2 * numel):
+                raise ValueError(f"tensor {name} holds {len(raw)} bytes")
+            q = np.frombuffer(raw, np.int8 if kind == "int" else np.float16, numel).reshape(shape)
+            s = torch.from_numpy(np.frombuffer(raw, np.float16, rows, numel).copy()) if rows else None
+            quantized[name] = (kind, qmax, torch.from_numpy(q.copy()), s)
     except ARTIFACT_ERRORS as e:
         raise UsageError(f"artifact {path} is corrupt ({type(e).__name__}: {e})") from None
     return header["config"], dequantize_state(quantized)
 
 
-def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime) -> None:
-    """Quantize, compress and write the artifact on rank 0; the other ranks wait for it."""
+def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict | None, log: Logger) -> None:
+    """Fit, compress and write the artifact on rank 0 while the others wait; log what the fit chose.
+    A stale file at ARTIFACT_PATH is removed first, so a failed fit leaves no artifact behind."""
+    error = None
     if rt.master:
-        blob = serialize_artifact(quantize_state(model.state_dict()), args.model_config())
-        with open(args.artifact_path, "wb") as f:
-            f.write(blob)
-    if rt.world_size > 1:
-        dist.barrier()
+        t0 = time.perf_counter()
+        if os.path.exists(args.artifact_path):
+            os.remove(args.artifact_path)
+        code_bytes = os.path.getsize(os.path.abspath(__file__))
+        try:
+            limit = args.artifact_limit_bytes - code_bytes
+            blob, info = BudgetFit(model.state_dict(), stats).fit(limit, args.model_config(), args.export_gptq)
+            with open(args.artifact_path, "wb") as f:
+                f.write(blob)
+            log_export(info, limit, 1000 * (time.perf_counter() - t0), stats, args, log)
+        except EvalFailure as e:
+            error = f"{e} (ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes} less {code_bytes} bytes of code)"
+    failed = rt.all_reduce(torch.tensor(float(error is not None), device=rt.device)).item()  # also the barrier
+    if failed:
+        raise EvalFailure(error or "the export failed on rank 0")
+
+
+def log_export(info: dict, limit: int, ms: float, stats: dict | None, args: Hyperparameters, log: Logger) -> None:
+    groups = {}
+    for name, (kind, qmax, q, _) in info["quantized"].items():
+        g = ("mlp" if ".mlp." in name else "attn" if ".attn." in name else "bigram" if name.startswith("bigram.")
+             else "embed" if name == "tok_emb.weight" else "other")
+        nbytes, count = groups.get(g, (0.0, 0))
+        groups[g] = (nbytes + info["sizes"][name], count + q.numel())
+    moved = [f"{n}:int{QMAX_LADDER.index(qmax) + 5}" for n, (kind, qmax, q, _) in info["quantized"].items()
+             if kind == "int" and qmax != quant_levels(n, q)]
+    bits = " ".join(f"{g}:{8 * b / n:.3f}" for g, (b, n) in sorted(groups.items()))
+    log(f"export bytes_model:{info['bytes']} predicted:{info['predicted']} limit:{limit} passes:{info['passes']} "
+        f"c:{info['c']:.4e} gptq:{int(args.export_gptq)} calib_tokens:{stats['tokens'] if stats else 0} "
+        f"export_ms:{ms:.0f} bits_per_weight {bits} moved:{','.join(moved) or 'none'}")
 
 
 def account_artifact(args: Hyperparameters, n_params: int, log: Logger) -> dict:
@@ -1232,7 +1447,7 @@ def train_and_export(args: Hyperparameters, rt: Runtime, log: Logger, val: Tenso
     pre = evaluate(model, val, luts, args, rt, log, label="prequant", seq_len=args.train_seq_len,
                    stride=args.train_seq_len, deadline=Deadline(0))
     log(final_line("prequant", pre))
-    export_artifact(model, args, rt)
+    export_artifact(model, args, rt, stats["calib"], log)
     return {"steps": stats["steps"], "train_seconds": round(stats["train_seconds"], 3),
             **account_artifact(args, n_params, log)}
 

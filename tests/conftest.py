@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 # A model small enough for a 2-core CPU; every architectural part stays switched on. DEVICE=cpu so the
 # suite computes the same things on a machine with a GPU; the `cuda` tests ask for the GPU themselves.
 TINY = {
-    "DEVICE": "cpu", "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    "DEVICE": "cpu", "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "2", "MODEL_DIM": "96", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
     "MLP_MULT": "2", "ROPE_DIMS": "8", "XSA_LAST_N": "1", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16",
     "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "ITERATIONS": "10", "WARMUP_STEPS": "2",
     "WARMDOWN_ITERS": "5", "TRAIN_LOG_EVERY": "1", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "16",

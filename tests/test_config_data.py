@@ -86,14 +86,14 @@ CONFIG_CASES = {
     "bad_bool": ({"NGRAM": "maybe"}, ["NGRAM", "maybe"]),
     "device_tpu": ({"DEVICE": "tpu"}, ["DEVICE", "tpu"]),
     "odd_rope_dims": ({"ROPE_DIMS": "7"}, ["ROPE_DIMS=7"]),
-    # MODEL_DIM 64 / NUM_HEADS 4: head dim 16
-    "rope_dims_above_head_dim": ({"ROPE_DIMS": "32"}, ["ROPE_DIMS=32", "16"]),
-    # 64 % 6 != 0 while 6 % NUM_KV_HEADS(2) == 0: only the width check can fire
-    "heads_not_dividing_width": ({"NUM_HEADS": "6"}, ["NUM_HEADS=6", "MODEL_DIM=64"]),
+    # MODEL_DIM 96 / NUM_HEADS 4: head dim 24
+    "rope_dims_above_head_dim": ({"ROPE_DIMS": "32"}, ["ROPE_DIMS=32", "24"]),
+    # 96 % 10 != 0 while 10 % NUM_KV_HEADS(2) == 0: only the width check can fire
+    "heads_not_dividing_width": ({"NUM_HEADS": "10"}, ["NUM_HEADS=10", "MODEL_DIM=96"]),
     "kv_heads_not_dividing_heads": ({"NUM_KV_HEADS": "3"}, ["NUM_KV_HEADS=3", "NUM_HEADS=4"]),
     "xsa_more_than_layers": ({"XSA_LAST_N": "3"}, ["XSA_LAST_N=3", "NUM_LAYERS=2"]),
     "one_bigram_bucket": ({"BIGRAM_VOCAB_SIZE": "1"}, ["BIGRAM_VOCAB_SIZE=1"]),
-    "mlp_width_not_whole": ({"MLP_MULT": "0.3"}, ["MLP_MULT", "0.3"]),  # 0.3 * 64 = 19.2
+    "mlp_width_not_whole": ({"MLP_MULT": "0.3"}, ["MLP_MULT", "0.3"]),  # 0.3 * 96 = 28.8
     "stride_above_window": ({"EVAL_STRIDE": "128"}, ["EVAL_STRIDE=128", "EVAL_SEQ_LEN=64"]),
     # 1 x 8 x 64 = 512 does not divide 1000
     "batch_not_divisible": ({"TRAIN_BATCH_TOKENS": "1000"}, ["TRAIN_BATCH_TOKENS=1000", "GRAD_ACCUM_STEPS=8"]),
@@ -375,7 +375,7 @@ def test_log_file_contents(trained_run):
     assert log.startswith(source)
     rest = log[len(source):].splitlines()
     # hyperparameters, resolved
-    for line in ("hparam vocab_size:512", "hparam num_layers:2", "hparam model_dim:64", "hparam train_seq_len:64",
+    for line in ("hparam vocab_size:512", "hparam num_layers:2", "hparam model_dim:96", "hparam train_seq_len:64",
                  "hparam train_batch_tokens:1024", "hparam grad_accum_steps:8", "hparam world_size:1",
                  "hparam iterations:10", "hparam ema_decay:0.5"):
         assert line in rest, line

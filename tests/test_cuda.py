@@ -123,13 +123,14 @@ def test_export_from_gpu_weights_is_the_cpu_export(monkeypatch, tmp_path):
     """The artifact written from weights on the GPU is byte for byte the one written from the same
     weights on the CPU, and a model loaded from it on the GPU holds the dequantized weights."""
     rt = gpu_runtime(monkeypatch)
-    args = tiny_args(DEVICE="cuda", MODEL_DIM=128, ARTIFACT_PATH=str(tmp_path / "gpu.ptz"))
+    args = tiny_args(DEVICE="cuda", MODEL_DIM=128, ARTIFACT_PATH=str(tmp_path / "gpu.ptz"), ARTIFACT_LIMIT_BYTES=400_000)
     model = randomized(args, 3)
-    cpu_blob = train_gpt.serialize_artifact(train_gpt.quantize_state(model.state_dict()), args.model_config())
-    train_gpt.export_artifact(model.to(rt.device), args, rt)
+    limit = args.artifact_limit_bytes - os.path.getsize(train_gpt.__file__)
+    cpu_blob, info = train_gpt.BudgetFit(model.state_dict(), None).fit(limit, args.model_config(), args.export_gptq)
+    assert any(kind == "int" for kind, *_ in info["quantized"].values())
+    train_gpt.export_artifact(model.to(rt.device), args, rt, None, lambda *a, **k: None)
     assert (tmp_path / "gpu.ptz").read_bytes() == cpu_blob
     loaded = train_gpt.load_artifact_model(args, rt)
     _, state = train_gpt.deserialize_artifact(args.artifact_path)
-    assert any(kind == "int" for kind, *_ in train_gpt.quantize_state(model.state_dict()).values())
     for name, t in loaded.state_dict().items():
         assert t.is_cuda and torch.equal(t.cpu(), state[name]), name

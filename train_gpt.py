@@ -856,20 +856,22 @@ def gptq_factor(gram: Tensor) -> Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
 
 
-def gptq_codes(w: Tensor, scale: Tensor, qmax: int, u: Tensor, block: int = 128) -> Tensor:
+def gptq_codes(w: Tensor, scale: Tensor, qmax: Tensor, u: Tensor, block: int = 128) -> Tensor:
     """Error-compensating rounding (GPTQ, Frantar et al. 2022) at fixed per-row steps: columns are
     rounded in turn, and each one's error is spread over the columns still to come in the proportions
-    that least change the layer's output on the calibration inputs (u = gptq_factor of their Gram)."""
-    w = w.float().clone()
+    that least change the layer's output on the calibration inputs (u = gptq_factor of their Gram).
+    Batched over a leading dimension (matrices of one shape): w [B, rows, cols], scale [B, rows],
+    qmax [B], u [B, cols, cols]."""
+    w, lim = w.float().clone(), qmax.float()[:, None]
     q = torch.empty_like(w)
-    for i in range(0, w.shape[1], block):
-        j = min(i + block, w.shape[1])
-        err = torch.empty(w.shape[0], j - i)
+    for i in range(0, w.shape[-1], block):
+        j = min(i + block, w.shape[-1])
+        err = torch.empty(*w.shape[:-1], j - i)
         for c in range(i, j):
-            q[:, c] = torch.clamp(torch.round(w[:, c] / scale), -qmax, qmax)
-            err[:, c - i] = (w[:, c] - q[:, c] * scale) / u[c, c]
-            w[:, c + 1:j] -= err[:, c - i, None] * u[c, c + 1:j]
-        w[:, j:] -= err @ u[i:j, j:]
+            q[..., c] = torch.clamp(torch.round(w[..., c] / scale), -lim, lim)
+            err[..., c - i] = (w[..., c] - q[..., c] * scale) / u[:, c, c, None]
+            w[..., c + 1:j] -= err[..., c - i, None] * u[:, None, c, c + 1:j]
+        w[..., j:] -= err @ u[:, i:j, j:]
     return q.to(torch.int8)
 
 
@@ -905,6 +907,9 @@ class BudgetFit:
             self.rows[name] = {"w": t, "qmax": qmax, "gram": st.get("gram"), "fine": fine,
                                "sens": a.clamp_min(1e-3 * float(a.mean()) or 1e-30),  # rows the data never reached
                                "coarse": torch.maximum(fp16_scale(t.abs().amax(1) / 2), fine[qmax])}
+        # the fp16 tensors never change: their frames are measured once; the estimate covers the rest
+        self.fixed_bytes = sum(4 + len(zstandard.ZstdCompressor(level=22).compress(q.numpy().tobytes()))
+                               for _, _, q, _ in self.fixed.values())
         # log c from "every row at its finest (int8 for all)" to "every row at its coarsest"
         rows = self.rows.values()
         self.bounds = ((math.log(min(float((r["fine"][127] * r["sens"].sqrt()).min()) for r in rows)),
@@ -920,56 +925,67 @@ class BudgetFit:
         return out
 
     def quantize(self, c: float, gptq: bool) -> dict[str, tuple]:
-        out = dict(self.fixed)
+        out, batches = dict(self.fixed), {}
         for name, (qmax, s) in self.plan(c).items():
             r = self.rows[name]
-            if gptq and r["gram"] is not None:
-                if "u" not in r:
-                    r["u"] = gptq_factor(r["gram"])
-                q = gptq_codes(r["w"], s, qmax, r["u"])
+            if gptq and r["gram"] is not None:  # batched with the other matrices of its shape
+                batches.setdefault(r["w"].shape, []).append((name, qmax, s))
             else:
-                q = torch.clamp(torch.round(r["w"] / s[:, None]), -qmax, qmax).to(torch.int8)
-            out[name] = ("int", qmax, q, s.half())
+                out[name] = ("int", qmax, torch.clamp(torch.round(r["w"] / s[:, None]), -qmax, qmax).to(torch.int8),
+                             s.half())
+        for group in batches.values():
+            for name, _, _ in group:
+                if "u" not in self.rows[name]:
+                    self.rows[name]["u"] = gptq_factor(self.rows[name]["gram"])
+            codes = gptq_codes(torch.stack([self.rows[n]["w"] for n, _, _ in group]), torch.stack([s for *_, s in group]),
+                               torch.tensor([q for _, q, _ in group]), torch.stack([self.rows[n]["u"] for n, _, _ in group]))
+            out.update({name: ("int", qmax, q, s.half()) for (name, qmax, s), q in zip(group, codes)})
         return dict(sorted(out.items()))
 
-    def estimate(self, quantized: dict[str, tuple]) -> dict[str, float]:
-        """Bytes by tensor: the codes' entropy plus the scales for int tensors, raw size for fp16 ones."""
-        return {name: code_entropy_bytes(q) + 2 * len(s) if kind == "int" else 2 * q.numel()
-                for name, (kind, _, q, s) in quantized.items()}
+    def estimate(self, c: float) -> float:
+        """Bytes of the int tensors at c (plain rounding): the codes' entropy plus the scales."""
+        return sum(code_entropy_bytes(q) + 2 * len(s) for kind, _, q, s in self.quantize(c, False).values()
+                   if kind == "int")
 
     def solve(self, factor: float, target: float) -> tuple[float, float]:
-        """The smallest log c (the finest steps) whose estimated size, times `factor`, is within
+        """The smallest log c (the finest steps) whose fp16 frames plus `factor` x the estimate fit
         `target`; bisected to 1/65536 of the range. Returns (log c, unscaled estimate)."""
-        def predict(lc):
-            return sum(self.estimate(self.quantize(math.exp(lc), False)).values())
         lo, hi = self.bounds
-        best = (lo, predict(lo))
-        if best[1] * factor > target:
-            best = (hi, predict(hi))
+        best = (lo, self.estimate(math.exp(lo)))
+        if self.fixed_bytes + best[1] * factor > target:
+            best = (hi, self.estimate(math.exp(hi)))
             for _ in range(16):
                 mid = (lo + hi) / 2
-                p = predict(mid)
-                lo, hi, best = (lo, mid, (mid, p)) if p * factor <= target else (mid, hi, best)
+                p = self.estimate(math.exp(mid))
+                lo, hi, best = (lo, mid, (mid, p)) if self.fixed_bytes + p * factor <= target else (mid, hi, best)
         return best
 
     def fit(self, limit: int, config: dict, gptq: bool) -> tuple[bytes, dict]:
-        """The finest plan whose real artifact fits `limit`, within 2*FIT_MARGIN under it when the budget
-        binds: each real zstd pass rescales the estimate until the artifact lands there."""
-        factor = 1.0
-        for passes in range(1, 7):
-            lc, predicted = self.solve(factor, limit * (1 - FIT_MARGIN))
+        """The finest plan whose real artifact fits `limit`: each real zstd pass rescales the estimate,
+        until one lands within 2*FIT_MARGIN under the limit (or is the finest plan). A range move can
+        jump the size over that window; then, after at most 3 passes (the last aiming 1% under, to be safe),
+        the largest artifact that fitted."""
+        factor, best, tried = 1.0, None, set()
+        for passes in range(1, 4):
+            lc, predicted = self.solve(factor, limit * (1 - FIT_MARGIN * (4 if passes == 3 else 1)))
+            if lc in tried:
+                break
+            tried.add(lc)
             quantized = self.quantize(math.exp(lc), gptq)
             blob = serialize_artifact(quantized, config)
+            if len(blob) <= limit and (best is None or len(blob) > len(best[0])):
+                best = (blob, quantized, lc, round(self.fixed_bytes + predicted * factor))
             if len(blob) <= limit and (lc == self.bounds[0] or len(blob) >= limit * (1 - 2 * FIT_MARGIN)):
                 break
             if len(blob) > limit and lc == self.bounds[1]:
                 raise EvalFailure(f"the model cannot fit: {len(blob)} bytes at the coarsest allowed steps > "
                                   f"the {limit} bytes left for it; no artifact written")
-            factor = len(blob) / predicted
-        if len(blob) > limit:
-            raise EvalFailure(f"the export did not get under {limit} bytes in {passes} passes; no artifact written")
+            factor = (len(blob) - self.fixed_bytes) / predicted
+        if best is None:
+            raise EvalFailure(f"the export did not get under {limit} bytes in {len(tried)} passes; no artifact written")
+        blob, quantized, lc, predicted = best
         sizes = dict(zip(quantized, (4 + len(f) for f in split_frames(blob)[1:])))
-        return blob, {"c": math.exp(lc), "passes": passes, "predicted": round(predicted * factor), "bytes": len(blob),
+        return blob, {"c": math.exp(lc), "passes": len(tried), "predicted": predicted, "bytes": len(blob),
                       "sizes": sizes, "quantized": quantized}
 
 

@@ -588,7 +588,7 @@ def test_any_limit_from_the_coarsest_to_the_finest_size_is_met(fit_case, frac):
     blob, info = fit.fit(limit, config, False)
     assert len(blob) == info["bytes"] <= limit
     assert len(blob) >= limit * (1 - 2 * T.FIT_MARGIN), (len(blob), limit)
-    assert 1 <= info["passes"] <= 6 and sum(info["sizes"].values()) + len(T.split_frames(blob)[0]) + 4 == len(blob)
+    assert 1 <= info["passes"] <= 3 and sum(info["sizes"].values()) + len(T.split_frames(blob)[0]) + 4 == len(blob)
 
 
 def test_a_limit_below_the_coarsest_size_is_a_clear_error(fit_case):
@@ -630,7 +630,7 @@ def test_gptq_lowers_the_output_error_at_the_same_steps():
     _, s = T.quantize_rows(w, 15)
     s = s.float()
     plain = torch.clamp(torch.round(w / s[:, None]), -15, 15).to(torch.int8)
-    gptq = T.gptq_codes(w, s, 15, T.gptq_factor(gram))
+    gptq = T.gptq_codes(w[None], s[None], torch.tensor([15]), T.gptq_factor(gram)[None])[0]
     assert gptq.dtype == torch.int8 and int(gptq.abs().max()) <= 15
 
     def output_err(q):

@@ -23,6 +23,8 @@ def test_gpu_check_dry_run_completes(tmp_path):
     for kind in ("prequant", "roundtrip", "sliding", "ngram"):
         assert re.search(rf"^final_{kind} val_loss:\S+ val_bpb:\S+ .*coverage:1.000000 ", summary, re.M), kind
     assert re.search(r"^ngram_audit positions:64 .*order_mismatch:0 tol:1e-06 sampled:64$", summary, re.M)
+    assert re.search(r"^calibration tokens:2048 ms:\d+ train_total_ms:\d+$", summary, re.M)
+    assert re.search(r"^export bytes_model:\d+ predicted:\d+ limit:\d+ passes:\d+ .* bits_per_weight ", summary, re.M)
     assert re.search(r"^tokens:1000000 device:cpu seconds:\S+ ", out, re.M)
     assert re.search(r"^SKIPPED \[\d+\] tests/test_cuda.py: needs a CUDA GPU", out, re.M)
     assert re.search(r"^train_gpt rc:0 cuda_tests rc:0 total_s:\d+$", out, re.M)

@@ -642,7 +642,7 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
 # Training
 
 
-CALIB_STEPS = 2  # training steps of wall clock kept for the calibration (one batch, eager)
+CALIB_STEPS = 3  # training steps of wall clock kept for the calibration (one more batch, eager: slower than compiled)
 
 
 class Trainer:
@@ -782,24 +782,17 @@ def fp16_scale(scale: Tensor) -> Tensor:
     return scale.clamp(2.0 ** -24, 65504.0).half().float()
 
 
-def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization at the finest step the range allows: each row keeps the clip
-    ratio with the least squared error (with the scale rounded to fp16, as it is stored)."""
+def finest_steps(w: Tensor, qmax: int) -> Tensor:
+    """Each row's finest step in the range ±qmax: of the clip ratios, the one with the least squared
+    error, the step rounded to fp16 as it is stored."""
     w = w.float()
-    row_max = w.abs().amax(dim=1)
-    best_q, best_s, best_err = None, None, None
+    row_max, best_s, best_err = w.abs().amax(dim=1), None, math.inf
     for ratio in CLIP_RATIOS:
         scale = fp16_scale(row_max * ratio / qmax)
-        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
-        err = (q * scale[:, None] - w).square().sum(dim=1)
-        if best_err is None:
-            best_q, best_s, best_err = q, scale, err
-        else:
-            better = err < best_err
-            best_q = torch.where(better[:, None], q, best_q)
-            best_s = torch.where(better, scale, best_s)
-            best_err = torch.where(better, err, best_err)
-    return best_q.to(torch.int8), best_s.half()
+        err = (torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax) * scale[:, None] - w).square().sum(dim=1)
+        best_s = scale if best_s is None else torch.where(err < best_err, scale, best_s)
+        best_err = torch.minimum(err, torch.as_tensor(best_err))
+    return best_s
 
 
 FIT_MARGIN = 0.0025  # aim this far under the limit; accept up to twice as far
@@ -813,12 +806,11 @@ def _gram_hook(gram: Tensor):
 
 
 def calibrate(model: GPT, micro_batches, rt: Runtime, deadline: float) -> dict:
-    """What the export learns from training data: {"tokens": how many, "tensors": per quantized matrix
-    its statistics}. For each: `fisher`, each row's summed
-    squared gradient under labels drawn from the model itself (in expectation, the curvature a rounding
-    error in that row meets), and for linear layers `gram`, the Gram matrix of the layer's inputs (for
-    error-compensating rounding). Micro-batches stop once the next would end past `deadline` (a
-    perf_counter time; the first always runs). Summed over micro-batches and ranks."""
+    """What the export learns from training data: {"tokens": how many, "tensors": per quantized matrix,
+    `fisher`, each row's summed squared gradient under labels drawn from the model itself (in
+    expectation, the curvature a rounding error in that row meets), and for linear layers `gram`, the
+    Gram matrix of its inputs (for error-compensating rounding)}. Summed over micro-batches and ranks;
+    micro-batches stop once the next would end past `deadline` (perf_counter time; the first runs)."""
     stats, hooks, params = {}, [], dict(model.named_parameters())
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)) and quant_levels(name + ".weight", mod.weight):
@@ -903,7 +895,7 @@ class BudgetFit:
                 continue
             st = stats["tensors"].get(name, {}) if stats else {}
             a = st.get("fisher", torch.ones(t.shape[0])) / t.shape[1]
-            fine = {q: quantize_rows(t, q)[1].float() for q in QMAX_LADDER if q >= qmax}
+            fine = {q: finest_steps(t, q) for q in QMAX_LADDER if q >= qmax}
             self.rows[name] = {"w": t, "qmax": qmax, "gram": st.get("gram"), "fine": fine,
                                "sens": a.clamp_min(1e-3 * float(a.mean()) or 1e-30),  # rows the data never reached
                                "coarse": torch.maximum(fp16_scale(t.abs().amax(1) / 2), fine[qmax])}
@@ -925,21 +917,21 @@ class BudgetFit:
         return out
 
     def quantize(self, c: float, gptq: bool) -> dict[str, tuple]:
-        out, batches = dict(self.fixed), {}
+        """Every tensor at multiplier c: plain rounding, or GPTQ for linear layers (one batch per shape)."""
+        out, groups = dict(self.fixed), {}
         for name, (qmax, s) in self.plan(c).items():
             r = self.rows[name]
-            if gptq and r["gram"] is not None:  # batched with the other matrices of its shape
-                batches.setdefault(r["w"].shape, []).append((name, qmax, s))
+            if gptq and r["gram"] is not None:
+                if "u" not in r:
+                    r["u"] = gptq_factor(r["gram"])
+                groups.setdefault(r["w"].shape, []).append((name, qmax, s))
             else:
-                out[name] = ("int", qmax, torch.clamp(torch.round(r["w"] / s[:, None]), -qmax, qmax).to(torch.int8),
-                             s.half())
-        for group in batches.values():
-            for name, _, _ in group:
-                if "u" not in self.rows[name]:
-                    self.rows[name]["u"] = gptq_factor(self.rows[name]["gram"])
-            codes = gptq_codes(torch.stack([self.rows[n]["w"] for n, _, _ in group]), torch.stack([s for *_, s in group]),
-                               torch.tensor([q for _, q, _ in group]), torch.stack([self.rows[n]["u"] for n, _, _ in group]))
-            out.update({name: ("int", qmax, q, s.half()) for (name, qmax, s), q in zip(group, codes)})
+                q = torch.clamp(torch.round(r["w"] / s[:, None]), -qmax, qmax).to(torch.int8)
+                out[name] = ("int", qmax, q, s.half())
+        for names, qmaxes, steps in (zip(*group) for group in groups.values()):
+            codes = gptq_codes(torch.stack([self.rows[n]["w"] for n in names]), torch.stack(steps),
+                               torch.tensor(qmaxes), torch.stack([self.rows[n]["u"] for n in names]))
+            out.update({n: ("int", qmax, q, s.half()) for n, qmax, s, q in zip(names, qmaxes, steps, codes)})
         return dict(sorted(out.items()))
 
     def estimate(self, c: float) -> float:

@@ -1,5 +1,7 @@
-"""Export: per-row int5/int6 quantization with a clip search, deterministic zstd serialization, the
-byte accounting, the over-the-cap failure, and evaluating an existing artifact (EVAL_ONLY).
+"""Export: the budget fit (finest steps by clip search, Fisher-weighted steps, GPTQ, every limit met),
+calibration statistics, deterministic per-tensor zstd frames, the byte accounting, the cannot-fit
+failure, and evaluating an existing artifact (EVAL_ONLY). Every configuration here quantizes its
+matrices (TINY is 96 wide, the round-trip model 128).
 
 Subprocess runs are few and overlapped: the fresh-process round trip, the over-the-cap run and an
 EVAL_ONLY run on a truncated artifact start in the background when this module starts; the two EVAL_ONLY
@@ -206,11 +208,18 @@ def quantize_with_ratio(w: torch.Tensor, qmax: int, ratio: float) -> tuple[torch
     return q, scale
 
 
+def finest_codes(w: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain rounding at finest_steps, as the export rounds a matrix it has no Gram matrix for."""
+    s = T.finest_steps(w, qmax)
+    return torch.clamp(torch.round(w / s[:, None]), -qmax, qmax).to(torch.int8), s.half()
+
+
 @pytest.mark.parametrize("qmax", [15, 31])
 @pytest.mark.parametrize("cols", [512, 301])
-def test_quantize_rows_within_half_step_of_clipped_original(qmax, cols):
+def test_finest_steps_within_half_step_of_clipped_original(qmax, cols):
     w, _ = sample_matrix(cols)
-    q, s = T.quantize_rows(w, qmax)
+    assert torch.equal(T.finest_steps(w, qmax), T.finest_steps(w, qmax).half().float())  # fp16 exactly
+    q, s = finest_codes(w, qmax)
     assert q.dtype == torch.int8 and q.shape == w.shape
     assert s.dtype == torch.float16 and s.shape == (w.shape[0],)
     assert torch.isfinite(s).all() and (s > 0).all()
@@ -236,7 +245,7 @@ def test_quantize_rows_within_half_step_of_clipped_original(qmax, cols):
 @pytest.mark.parametrize("qmax", [15, 31])
 def test_clip_search_never_worse_than_row_max(qmax):
     w, heavy = sample_matrix()
-    q, s = T.quantize_rows(w, qmax)
+    q, s = finest_codes(w, qmax)
     err = row_sq_err(q, s, w)
     base_q, base_s = quantize_with_ratio(w, qmax, 1.0)
     base = row_sq_err(base_q, base_s, w)
@@ -627,8 +636,7 @@ def test_gptq_lowers_the_output_error_at_the_same_steps():
     w = torch.randn(96, 384, generator=gen) * 0.02
     x = torch.randn(4000, 384, generator=gen) @ (torch.randn(384, 384, generator=gen) / 20)  # correlated inputs
     gram = x.T @ x
-    _, s = T.quantize_rows(w, 15)
-    s = s.float()
+    s = T.finest_steps(w, 15)
     plain = torch.clamp(torch.round(w / s[:, None]), -15, 15).to(torch.int8)
     gptq = T.gptq_codes(w[None], s[None], torch.tensor([15]), T.gptq_factor(gram)[None])[0]
     assert gptq.dtype == torch.int8 and int(gptq.abs().max()) <= 15

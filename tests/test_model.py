@@ -509,7 +509,7 @@ def test_stop_rule_predicts_from_the_slowest_recent_step(corpus, tmp_path, monke
     """A slow step raises the prediction: with steps of 100 ms and one of 900 ms in the last 16,
     training stops once fewer than (1 + CALIB_STEPS) x 900 ms remain (a step, then the calibration),
     though the typical step would still fit."""
-    assert train_gpt.CALIB_STEPS == 2
+    assert train_gpt.CALIB_STEPS == 3
     trainer, args = make_trainer(corpus, tmp_path, monkeypatch, run_id="predict", MAX_WALLCLOCK_SECONDS=5.05,
                                  ITERATIONS=100000, WARMUP_STEPS=0, GRAD_ACCUM_STEPS=1, TRAIN_LOG_EVERY=100000)
     clock = {"now": 0.0, "calls": 0}
@@ -522,9 +522,9 @@ def test_stop_rule_predicts_from_the_slowest_recent_step(corpus, tmp_path, monke
     monkeypatch.setattr(trainer, "step", fake_step)
     monkeypatch.setattr(train_gpt.time, "perf_counter", lambda: clock["now"])
     stats = trainer.train()
-    # steps: 0.1, 0.1, 0.9 (t = 1.1 s), then 0.1 each; stop once t + 3 x 0.9 > 5.05, i.e. at t = 2.4 s
-    assert stats["steps"] == 16 and stats["train_seconds"] == pytest.approx(2.4)
-    assert "(predicted 900 ms a step) at step 16" in capsys.readouterr().out
+    # steps: 0.1, 0.1, 0.9 (t = 1.1 s), then 0.1 each; stop once t + 4 x 0.9 > 5.05, i.e. at t = 1.5 s
+    assert stats["steps"] == 7 and stats["train_seconds"] == pytest.approx(1.5)
+    assert "(predicted 900 ms a step) at step 7" in capsys.readouterr().out
 
 
 def test_lr_multiplier_wallclock_warmdown():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on a CPU in about 2 minutes: generated corpus -> tokenizer -> shards -> train a
+# The whole pipeline on a CPU in about 75 s: generated corpus -> tokenizer -> shards -> train a
 # small model (60 s cap) -> export -> round trip -> sliding + n-gram eval -> log and submission.json.
 #   bash tools/cpu_demo.sh            # writes everything under runs/cpu_demo/
 set -euo pipefail

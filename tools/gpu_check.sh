@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command that checks the whole pipeline on one GPU (H100/H200), in about 7 minutes:
+# One command that checks the whole pipeline on one GPU (H100/H200), sized to take under 8 minutes:
 #   1. a corpus from what the machine already has (docstrings of its Python packages) -> sp1024 -> shards
 #   2. the full-size default model trained with the real schedule for GPU_CHECK_TRAIN_SECONDS (120),
 #      calibrated and exported by the budget fit, round-tripped, scored by sliding window + n-gram, audited

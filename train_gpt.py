@@ -116,6 +116,8 @@ class Hyperparameters:
         self.max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", 600.0, float, 0.0)
         self.warmup_steps = env("WARMUP_STEPS", 20, int, 0)
         self.warmdown_iters = env("WARMDOWN_ITERS", 3500, int, 0)
+        # the records' 3500 of ~6700 steps in 600 s on 8xH100: the same share of the budget on any card
+        self.warmdown_frac = env("WARMDOWN_FRAC", 0.52, float, 0.0, 1.0)
         self.grad_accum_steps = env("GRAD_ACCUM_STEPS", max(1, 8 // world_size), int, 1)
         self.matrix_lr = env("MATRIX_LR", 0.03, float, 0.0)
         self.scalar_lr = env("SCALAR_LR", 0.02, float, 0.0)
@@ -382,22 +384,31 @@ class TokenStream:
 class BatchLoader:
     """Each step reads TRAIN_BATCH_TOKENS + 1 contiguous tokens; micro-batch i of the step (rank-major,
     then accumulation step) gets slice i. Steps overlap by the one target token, so every token is an
-    input once, and the data seen does not depend on how the batch is split."""
+    input once, and the data seen does not depend on how the batch is split. prefetch() reads the next
+    step while the device still runs this one (pinned host memory, copies that do not block)."""
 
     def __init__(self, paths: list[str], args: Hyperparameters, rt: Runtime):
-        self.stream, self.rt = TokenStream(paths), rt
+        self.stream, self.rt, self.ahead = TokenStream(paths), rt, None
         self.batch, self.seq_len, self.accum = args.train_batch_tokens, args.train_seq_len, args.grad_accum_steps
         self.micro = self.batch // (rt.world_size * self.accum)
 
-    def next_step(self) -> list[tuple[Tensor, Tensor]]:
-        chunk = torch.from_numpy(self.stream.take(self.batch + 1))
+    def _read(self) -> list[tuple[Tensor, Tensor]]:
+        chunk = self.stream.take(self.batch + 1)
         self.stream.pos -= 1  # the last target is the next step's first input
+        mine = torch.from_numpy(chunk[self.rt.rank * self.accum * self.micro:][:self.accum * self.micro + 1])
+        mine = mine.pin_memory() if self.rt.device.type == "cuda" else mine
         out = []
         for k in range(self.accum):
-            start = (self.rt.rank * self.accum + k) * self.micro
-            piece = chunk[start:start + self.micro + 1].to(self.rt.device, non_blocking=True)
+            piece = mine[k * self.micro:(k + 1) * self.micro + 1].to(self.rt.device, non_blocking=True)
             out.append((piece[:-1].view(-1, self.seq_len), piece[1:].view(-1, self.seq_len)))
         return out
+
+    def next_step(self) -> list[tuple[Tensor, Tensor]]:
+        batch, self.ahead = self.ahead or self._read(), None
+        return batch
+
+    def prefetch(self) -> None:
+        self.ahead = self._read()
 
 
 def load_validation(args: Hyperparameters, rt: Runtime) -> Tensor:
@@ -600,12 +611,65 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
+NS_COEFFICIENTS, NS_STEPS = (3.4445, -4.7750, 2.0315), 5
+
+
+def newton_schulz(g: Tensor) -> Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz orthogonalization in bf16, for a batch of matrices
+    [n, rows, cols] at once: one batched product per term instead of one product per matrix."""
+    x = g.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    x = x.mT if tall else x
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(NS_STEPS):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz, lr x sqrt(max(1, rows/cols)), decoupled
+    weight decay x lr), one shape at a time: each rank orthogonalizes an equal slice of the shape's batch
+    and all-gathers the rest asynchronously while the next shape computes, so ranks share the work."""
+
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float):
+        super().__init__(list(params), {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.ns = torch.compile(newton_schulz, dynamic=False) if self.param_groups[0]["params"][0].is_cuda else newton_schulz
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, wd, mom, shapes, gathers = group["lr"], group["weight_decay"], group["momentum"], {}, []
+            for p in group["params"]:
+                shapes.setdefault(p.shape, []).append(p)
+            for params in shapes.values():
+                grads = [p.grad for p in params]
+                for p in params:
+                    if not self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
+                torch._foreach_lerp_(bufs, grads, 1 - mom)
+                per = -(-len(params) // self.world)
+                x = torch.zeros(per, *params[0].shape, device=params[0].device)  # this rank's slice, zero-padded
+                for j, i in enumerate(range(self.rank * per, min(len(params), (self.rank + 1) * per))):
+                    x[j] = grads[i].lerp(bufs[i], mom)
+                x = self.ns(x)
+                out = x if self.world == 1 else torch.empty(per * self.world, *x.shape[1:], dtype=x.dtype, device=x.device)
+                gathers.append((params, out, dist.all_gather(list(out.chunk(self.world)), x, async_op=True)
+                                if self.world > 1 else None))
+            for params, out, handle in gathers:
+                if handle is not None:
+                    handle.wait()
+                rows, cols = params[0].shape
+                torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_add_(params, list(out[:len(params)].float().unbind(0)), alpha=-lr * math.sqrt(max(1, rows / cols)))
+
+
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
     g = param_groups(model)
-    # torch.optim.Muon: Nesterov momentum, 5 bf16 Newton-Schulz steps (3.4445, -4.7750, 2.0315),
-    # update scaled by sqrt(max(1, rows/cols)) ("original"), decoupled wd times the scheduled lr.
-    muon = torch.optim.Muon(g["muon"], lr=args.matrix_lr, weight_decay=args.muon_wd,
-                            momentum=args.muon_momentum_warmup_start, nesterov=True, adjust_lr_fn="original")
+    muon = Muon(g["muon"], lr=args.matrix_lr, weight_decay=args.muon_wd, momentum=args.muon_momentum_warmup_start)
     adam = torch.optim.AdamW([
         {"params": g["embed"], "lr": args.tied_embed_lr, "weight_decay": args.adam_wd},
         {"params": g["scalar"], "lr": args.scalar_lr, "weight_decay": 0.0},
@@ -622,20 +686,18 @@ def set_schedule(optimizers, args: Hyperparameters, step: int, lr_mult: float) -
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
-            if isinstance(opt, torch.optim.Muon):
+            if isinstance(opt, Muon):
                 group["momentum"] = momentum
 
 
 def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """1, then a linear warmdown that reaches 0 exactly when the wall-clock budget (or ITERATIONS)
-    runs out; the wall-clock warmdown length is WARMDOWN_ITERS x the measured step time."""
-    if not args.warmdown_iters:
-        return 1.0
-    mult = max(0.0, (args.iterations - step) / args.warmdown_iters)
-    if args.max_wallclock_seconds > 0 and step > 0:
-        remaining_ms = max(0.0, 1000 * args.max_wallclock_seconds - elapsed_ms)
-        mult = min(mult, remaining_ms / (args.warmdown_iters * elapsed_ms / step))
-    return min(1.0, mult)
+    """1, then linear warmdowns to 0, the lower of two: over the last WARMDOWN_FRAC of the wall-clock
+    budget (the same share of the run on any card), and over the last WARMDOWN_ITERS of ITERATIONS."""
+    mult = (args.iterations - step) / args.warmdown_iters if args.warmdown_iters else 1.0
+    if args.max_wallclock_seconds > 0 and args.warmdown_frac > 0:
+        budget_ms = 1000 * args.max_wallclock_seconds
+        mult = min(mult, (budget_ms - elapsed_ms) / (args.warmdown_frac * budget_ms))
+    return min(1.0, max(0.0, mult))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,6 +705,7 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
 
 
 CALIB_STEPS = 3  # training steps of wall clock kept for the calibration (one more batch, eager: slower than compiled)
+IN_FLIGHT = 3  # on a GPU, steps that may still run after a step's stop flag is set: the one before, it, the next
 
 
 class Trainer:
@@ -689,6 +752,7 @@ class Trainer:
             opt.step()
         self.model.zero_grad(set_to_none=True)
         marks.append(self._mark())
+        self.loader.prefetch()  # the host reads the next batch while the device works on this one
         return loss, marks
 
     def snapshot(self):
@@ -700,6 +764,7 @@ class Trainer:
         for opt, state in zip(self.optimizers, snap[1]):
             opt.load_state_dict(state)
         self.loader.stream.restore(snap[2])
+        self.loader.ahead = None
 
     def warmup(self) -> None:
         """Compile and warm up on real steps, then undo them: weights, optimizer state and data position."""
@@ -714,52 +779,65 @@ class Trainer:
         self.log(f"warmup_steps:{self.args.warmup_steps} warmup_ms:{1000 * (time.perf_counter() - t0):.0f} (undone)")
 
     def train(self) -> dict:
-        """Steps until ITERATIONS or until the next step, and the export's calibration after it, would end
-        past MAX_WALLCLOCK_SECONDS (the slowest of the last 16 steps stands for a step; the calibration,
-        one more batch run eagerly, is given CALIB_STEPS of them); then the EMA weights are swapped in
-        and calibrated on the next training batch, inside the same budget."""
+        """Steps until ITERATIONS, or until the steps in flight and the calibration (CALIB_STEPS of the
+        slowest of the last 16 steps) would end past MAX_WALLCLOCK_SECONDS; then the EMA weights, calibrated
+        on the next training batch inside the budget. The host reads the loss and stop flag of the step
+        before the one it just launched, so the device never waits for it."""
         args, rt = self.args, self.rt
         ema = [p.detach().float().clone() for p in self.params]
-        budget_ms = 1000 * args.max_wallclock_seconds
-        recent, phases = collections.deque(maxlen=16), [0.0, 0.0]
-        step, elapsed_ms, loss = 0, 0.0, float("nan")
+        self.budget_ms, self.recent, self.phases, self.done_ms = 1000 * args.max_wallclock_seconds, \
+            collections.deque(maxlen=16), [0.0, 0.0], 0.0
+        step, stop, pending = 0, False, None
         rt.sync()
-        t0 = time.perf_counter()
-        while step < args.iterations:
-            mult = lr_multiplier(args, step, elapsed_ms)
-            local_loss, marks = self.step(step, mult)
-            torch._foreach_lerp_(ema, [p.detach().float() for p in self.params], 1 - args.ema_decay)
-            step += 1
-            rt.sync()
-            now_ms = 1000 * (time.perf_counter() - t0)
-            recent.append(now_ms - elapsed_ms)
-            elapsed_ms = now_ms
-            phases = [total + (a.elapsed_time(b) if rt.is_cuda else 1000 * (b - a))
-                      for total, a, b in zip(phases, marks, marks[1:])]
-            stop = budget_ms > 0 and elapsed_ms + (1 + CALIB_STEPS) * max(recent) > budget_ms
-            # one collective per step carries the loss and every rank's stop flag
-            loss, stop = rt.all_reduce(torch.stack((local_loss, torch.tensor(float(stop), device=rt.device)))).tolist()
-            loss, stop = loss / rt.world_size, stop > 0
-            if step % args.train_log_every == 0 or step == 1 or stop or step == args.iterations:
-                fb, opt = (x / step for x in phases)
-                self.log(f"step:{step}/{args.iterations} train_loss:{loss:.4f} lr_mult:{mult:.4f} "
-                         f"step_ms:{elapsed_ms / step:.2f} fwd_bwd_ms:{fb:.2f} opt_ms:{opt:.2f} "
-                         f"other_ms:{elapsed_ms / step - fb - opt:.2f} "
-                         f"tok_s:{args.train_batch_tokens * step / (elapsed_ms / 1000):.0f} train_time_ms:{elapsed_ms:.0f}")
-            if stop:
-                self.log(f"stopping_early: the next step and the calibration would end past MAX_WALLCLOCK_SECONDS="
-                         f"{args.max_wallclock_seconds:g} (predicted {max(recent):.0f} ms a step) at step {step}")
+        self.t0 = time.perf_counter()
+        while True:
+            launched = None
+            if step < args.iterations and not stop:
+                mult = lr_multiplier(args, step, self.done_ms)
+                local_loss, marks = self.step(step, mult)
+                decay = min(args.ema_decay, (1 + step) / (10 + step))  # warms up: no init weights in short runs
+                torch._foreach_lerp_(ema, [p.detach().float() for p in self.params], 1 - decay)
+                step += 1
+                ahead = (IN_FLIGHT if rt.is_cuda else 1) + CALIB_STEPS  # a CPU step is done when step() returns
+                late = self.budget_ms > 0 and (1000 * (time.perf_counter() - self.t0)
+                                               + ahead * max(self.recent, default=0.0) > self.budget_ms)
+                flags = rt.all_reduce(torch.stack((local_loss, torch.tensor(float(late), device=rt.device))))
+                launched = (step, mult, flags, marks)  # one collective per step: the loss and every rank's flag
+            if pending is not None:
+                stop = self.finish(*pending) or stop
+            if launched is None:
                 break
+            pending = launched
         with torch.no_grad():
             for p, e in zip(self.params, ema):
                 p.copy_(e.to(p.dtype))
-        calib = calibrate(self.model, self.loader.next_step(), rt, t0 + budget_ms / 1000 if budget_ms else math.inf)
-        total_ms = 1000 * (time.perf_counter() - t0)
-        self.log(f"calibration tokens:{calib['tokens']} ms:{total_ms - elapsed_ms:.0f} "
+        calib = calibrate(self.model, self.loader.next_step(), rt,
+                          self.t0 + self.budget_ms / 1000 if self.budget_ms else math.inf)
+        total_ms = 1000 * (time.perf_counter() - self.t0)
+        self.log(f"calibration tokens:{calib['tokens']} ms:{total_ms - self.done_ms:.0f} "
                  f"train_total_ms:{total_ms:.0f}")
         if rt.is_cuda:
             self.log(f"peak_memory_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}")
-        return {"steps": step, "train_seconds": total_ms / 1000, "train_loss": loss, "calib": calib}
+        return {"steps": step, "train_seconds": total_ms / 1000, "calib": calib}
+
+    def finish(self, step: int, mult: float, flags: Tensor, marks: list) -> bool:
+        """A launched step's end: its loss and stop flag read, its time taken, its line logged."""
+        loss, stop = flags.tolist()
+        loss /= self.rt.world_size
+        now_ms = 1000 * (time.perf_counter() - self.t0)
+        self.recent.append(now_ms - self.done_ms)
+        self.done_ms = now_ms
+        self.phases = [total + (a.elapsed_time(b) if self.rt.is_cuda else 1000 * (b - a))
+                       for total, a, b in zip(self.phases, marks, marks[1:])]
+        if step % self.args.train_log_every == 0 or step == 1 or stop or step == self.args.iterations:
+            fb, opt = (x / step for x in self.phases)
+            self.log(f"step:{step}/{self.args.iterations} train_loss:{loss:.4f} lr_mult:{mult:.4f} "
+                     f"step_ms:{now_ms / step:.2f} fwd_bwd_ms:{fb:.2f} opt_ms:{opt:.2f} other_ms:{now_ms / step - fb - opt:.2f} "
+                     f"tok_s:{self.args.train_batch_tokens * step / (now_ms / 1000):.0f} train_time_ms:{now_ms:.0f}")
+        if stop:
+            self.log(f"stopping_early: step {step} flagged that the steps in flight and the calibration would end "
+                     f"past MAX_WALLCLOCK_SECONDS={self.args.max_wallclock_seconds:g} (predicted {max(self.recent):.0f} ms a step)")
+        return stop > 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Test helper, run as a script (plain python or torchrun): the gradients that train_gpt.Trainer has
-accumulated for its first step, before clipping and the optimizer, saved by rank 0 to argv[1].
+accumulated for its first step, before clipping and the optimizer, and the parameters after the
+optimizers then step on them, saved by every rank to argv[1] + ".rank<r>".
 
 Every parameter is first set to seeded random values, so that no gradient is zero by construction
 (the zero-initialised output projections would otherwise cut the gradient of every block matrix)."""
@@ -24,10 +25,13 @@ def main(out_path: str) -> None:
     loader = train_gpt.BatchLoader(train_gpt.find_shards(args.data_path, "train"), args, rt)
     trainer = train_gpt.Trainer(args, rt, model, loader, lambda *a, **k: None)
     loss = rt.all_reduce(trainer.accumulate(loader.next_step())) / rt.world_size
-    if rt.master:
-        grads = {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
-        torch.save({"loss": float(loss), "grads": grads, "world_size": rt.world_size,
-                    "accum": args.grad_accum_steps}, out_path)
+    grads = {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
+    before = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
+    for opt in trainer.optimizers:
+        opt.step()
+    steps = {name: p.detach().cpu() - before[name] for name, p in model.named_parameters()}
+    torch.save({"loss": float(loss), "grads": grads, "steps": steps, "world_size": rt.world_size,
+                "accum": args.grad_accum_steps}, f"{out_path}.rank{rt.rank}")
     if rt.world_size > 1:
         torch.distributed.destroy_process_group()
 

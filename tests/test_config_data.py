@@ -438,11 +438,13 @@ def test_two_processes_match_one_process(corpus, trained_run, tmp_path):
         assert f2[kind]["val_bpb"] == pytest.approx(f1[kind]["val_bpb"], rel=1e-3), (kind, f1[kind], f2[kind])
 
 
-def test_two_processes_accumulate_the_same_gradients(corpus, tmp_path):
+def test_two_processes_accumulate_the_same_gradients_and_step_alike(corpus, tmp_path):
     """The gradient both world sizes hand to the optimizer, compared directly: world 1 with 8
     accumulation steps against world 2 with 4 each, averaged by DDP. Muon's orthogonalization,
     AdamW's normalization and clipping would hide a wrong scale (an 8x loss moves 4-step losses by
-    under 5e-5), so the comparison is made before any of them, on every parameter."""
+    under 5e-5), so the comparison is made before any of them, on every parameter. Then the step
+    the optimizers take: with world 2 each rank orthogonalizes half of each shape's matrices and
+    all-gathers the rest, so a slice or gather bug moves some matrix by a wrong update."""
     probe = os.path.join(ROOT, "tests", "grad_probe.py")
     got = {}
     for nproc in (1, 2):
@@ -452,8 +454,8 @@ def test_two_processes_accumulate_the_same_gradients(corpus, tmp_path):
         proc = subprocess.run(cmd, cwd=str(tmp_path), env=script_env(corpus, str(tmp_path)), capture_output=True,
                               text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        got[nproc] = torch.load(out)
-    one, two = got[1], got[2]
+        got[nproc] = [torch.load(f"{out}.rank{r}") for r in range(nproc)]
+    (one,), (two, two_rank1) = got[1], got[2]
     assert (one["world_size"], one["accum"], two["world_size"], two["accum"]) == (1, 8, 2, 4)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert set(one["grads"]) == set(two["grads"]) and len(one["grads"]) > 20
@@ -463,6 +465,10 @@ def test_two_processes_accumulate_the_same_gradients(corpus, tmp_path):
         assert scale > 0, f"{name}: zero gradient, the comparison would be empty"
         assert float((g2 - g1).abs().max()) <= 1e-5 * scale, name
         assert float(g2.norm() / g1.norm()) == pytest.approx(1.0, abs=1e-5), name
+        s1, s2 = one["steps"][name], two["steps"][name]
+        assert float(s1.abs().max()) > 0 and torch.equal(s2, two_rank1["steps"][name]), name
+        # bf16 Newton-Schulz turns last-bit gradient differences into rounding flips: 1% of the step
+        assert float((s2 - s1).abs().max()) <= 0.01 * float(s1.abs().max()), name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 #   1. a corpus from what the machine already has (docstrings of its Python packages) -> sp1024 -> shards
 #   2. the full-size default model trained with the real schedule for GPU_CHECK_TRAIN_SECONDS (120),
 #      calibrated and exported by the budget fit, round-tripped, scored by sliding window + n-gram, audited
-#   3. the `cuda` tests, and the n-gram precompute at the full validation size (62,021,846 tokens)
+#   3. the `cuda` tests, train_gpt.Muon against torch.optim.Muon, and the n-gram precompute at the
+#      full validation size (62,021,846 tokens)
 #   4. a summary: ms/step (forward+backward, optimizer, rest), peak memory, compile time, eval times, bytes
 #
 #   bash tools/gpu_check.sh          # on the GPU machine; everything lands in runs/gpu_check/
@@ -54,6 +55,9 @@ rc=$?
 
 stage "cuda tests"
 (cd "$root" && python3 -m pytest -q -rs -m cuda -p no:cacheprovider tests); tests_rc=$?
+
+stage "Muon: train_gpt.Muon against torch.optim.Muon on the model's matrices (ms and ops per step)"
+env "${run_env[@]}" python3 "$root/tools/bench_step.py" --muon --steps 3
 
 stage "n-gram precompute, orders 2-7, on $ngram_tokens tokens"
 python3 "$root/tools/bench_ngram.py" --tokens $ngram_tokens --device "$([ $dry = 1 ] && echo cpu || echo cuda)"

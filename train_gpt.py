@@ -803,8 +803,11 @@ class Trainer:
                                                + ahead * max(self.recent, default=0.0) > self.budget_ms)
                 flags = rt.all_reduce(torch.stack((local_loss, torch.tensor(float(late), device=rt.device))))
                 launched = (step, mult, flags, marks)  # one collective per step: the loss and every rank's flag
-            if pending is not None:
-                stop = self.finish(*pending) or stop
+            if pending is not None and self.finish(*pending) and not stop:
+                stop = True
+                self.log(f"stopping_early: step {pending[0]} flagged that the steps in flight and the calibration "
+                         f"would end past MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g} "
+                         f"(predicted {max(self.recent):.0f} ms a step)")
             if launched is None:
                 break
             pending = launched
@@ -834,9 +837,6 @@ class Trainer:
             self.log(f"step:{step}/{self.args.iterations} train_loss:{loss:.4f} lr_mult:{mult:.4f} "
                      f"step_ms:{now_ms / step:.2f} fwd_bwd_ms:{fb:.2f} opt_ms:{opt:.2f} other_ms:{now_ms / step - fb - opt:.2f} "
                      f"tok_s:{self.args.train_batch_tokens * step / (now_ms / 1000):.0f} train_time_ms:{now_ms:.0f}")
-        if stop:
-            self.log(f"stopping_early: step {step} flagged that the steps in flight and the calibration would end "
-                     f"past MAX_WALLCLOCK_SECONDS={self.args.max_wallclock_seconds:g} (predicted {max(self.recent):.0f} ms a step)")
         return stop > 0
 
 

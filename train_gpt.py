@@ -731,12 +731,16 @@ class Trainer:
         return total / len(micro_batches)
 
     def _mark(self):
-        """A point in time: a CUDA event on a GPU (read once the step has synchronized), else the host clock."""
+        """A point in the device's timeline: a CUDA event on a GPU (read once it has passed), else the
+        host clock, which a CPU step has caught up with when it returns."""
         if not self.rt.is_cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.rt.is_cuda else 1000 * (b - a)
 
     def step(self, step: int, lr_mult: float) -> tuple[Tensor, list]:
         """One optimizer step over all accumulation micro-batches: this rank's mean loss, and the marks
@@ -789,7 +793,7 @@ class Trainer:
             collections.deque(maxlen=16), [0.0, 0.0], 0.0
         step, stop, pending = 0, False, None
         rt.sync()
-        self.t0 = time.perf_counter()
+        self.t0, self.start = time.perf_counter(), self._mark()
         while True:
             launched = None
             if step < args.iterations and not stop:
@@ -827,11 +831,10 @@ class Trainer:
         """A launched step's end: its loss and stop flag read, its time taken, its line logged."""
         loss, stop = flags.tolist()
         loss /= self.rt.world_size
-        now_ms = 1000 * (time.perf_counter() - self.t0)
+        now_ms = self._ms(self.start, marks[-1])  # when the device finished this step's optimizer
         self.recent.append(now_ms - self.done_ms)
         self.done_ms = now_ms
-        self.phases = [total + (a.elapsed_time(b) if self.rt.is_cuda else 1000 * (b - a))
-                       for total, a, b in zip(self.phases, marks, marks[1:])]
+        self.phases = [total + self._ms(a, b) for total, a, b in zip(self.phases, marks, marks[1:])]
         if step % self.args.train_log_every == 0 or step == 1 or stop or step == self.args.iterations:
             fb, opt = (x / step for x in self.phases)
             self.log(f"step:{step}/{self.args.iterations} train_loss:{loss:.4f} lr_mult:{mult:.4f} "

@@ -541,10 +541,11 @@ def test_stop_rule_predicts_from_the_slowest_recent_step(corpus, tmp_path, monke
                                  ITERATIONS=100000, WARMUP_STEPS=0, GRAD_ACCUM_STEPS=1, TRAIN_LOG_EVERY=100000)
     clock = {"now": 0.0, "calls": 0}
 
-    def fake_step(step, lr_mult):  # advances a fake clock instead of training
+    def fake_step(step, lr_mult):  # advances a fake clock instead of training; marks as a CPU step's
         clock["calls"] += 1
+        start = clock["now"]
         clock["now"] += 0.9 if clock["calls"] == 3 else 0.1
-        return torch.zeros(()), [0.0, 0.0, 0.0]
+        return torch.zeros(()), [start, start, clock["now"]]
 
     monkeypatch.setattr(trainer, "step", fake_step)
     monkeypatch.setattr(train_gpt.time, "perf_counter", lambda: clock["now"])

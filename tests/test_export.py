@@ -487,7 +487,7 @@ def test_serialization_is_deterministic(roundtrip):
 def test_reexport_of_a_loaded_artifact(roundtrip, tmp_path):
     """At the finest plan quantization is idempotent: a loaded artifact exported again is the same bytes.
     At a binding limit the steps depend on the weights, so a re-export differs, but it still fits."""
-    args, config = roundtrip["args"], roundtrip["args"].model_config()
+    config = roundtrip["args"].model_config()
     for limit, identical in ((10 ** 9, True), (roundtrip["limit"], False)):
         blob = T.BudgetFit(roundtrip["state"], None).fit(limit, config, False)[0]
         path = tmp_path / f"a{limit}.ptz"

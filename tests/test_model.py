@@ -515,7 +515,6 @@ def test_train_stops_at_the_wallclock_cap(corpus, tmp_path, monkeypatch, capsys)
     stats = trainer.train()
     out = capsys.readouterr().out
     steps, secs = stats["steps"], stats["train_seconds"]
-    step_s = secs / steps
     assert 0 < steps < 100000
     # it stops before the steps still to run (here the next) and the export's calibration would cross
     # the cap: never past it, and no more than those predicted steps before it

@@ -7,6 +7,7 @@ Every knob is an environment variable (see Hyperparameters). Launch:
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -19,6 +20,7 @@ import os
 import sys
 import time
 import uuid
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -149,6 +151,11 @@ class Hyperparameters:
         self.ngram_ent_range = env("NGRAM_ENT_RANGE", 0.55, float, 0.0, 1.0)
         self.ngram_ent_scale = env("NGRAM_ENT_SCALE", 2.0, float)
         self.ngram_ent_thresh = env("NGRAM_ENT_THRESH", 4.0, float)
+        self.ngram_mixer = env("NGRAM_MIXER", "learned", str)
+        self.ngram_mix_first = env("NGRAM_MIX_FIRST", 1024, int, 1)  # targets in the first learned-mixer chunk
+        self.ngram_mix_chunk = env("NGRAM_MIX_CHUNK", 1 << 20, int, 1)  # largest chunk and refit sample
+        self.ngram_mix_steps = env("NGRAM_MIX_STEPS", 4, int, 0)
+        self.ngram_mix_l2 = env("NGRAM_MIX_L2", 1e-4, float, 1e-12)
         self.ngram_audit_positions = env("NGRAM_AUDIT_POSITIONS", 256, int, 0)
         # Submission.
         self.submission_path = env("SUBMISSION_PATH", "submission.json", str)
@@ -177,6 +184,10 @@ class Hyperparameters:
             bad(f"MLP_MULT={self.mlp_mult} is invalid: MLP_MULT*MODEL_DIM must be a whole number")
         if self.ngram_max_order < self.ngram_min_order:
             bad(f"NGRAM_MAX_ORDER={self.ngram_max_order} must be >= NGRAM_MIN_ORDER={self.ngram_min_order}")
+        if self.ngram_mixer not in ("learned", "fixed"):
+            bad(f"NGRAM_MIXER={self.ngram_mixer!r} is invalid: expected learned or fixed")
+        if self.ngram_mix_chunk < self.ngram_mix_first:
+            bad(f"NGRAM_MIX_CHUNK={self.ngram_mix_chunk} must be >= NGRAM_MIX_FIRST={self.ngram_mix_first}")
         if self.ngram and not self.ngram_audit_positions:
             bad("NGRAM_AUDIT_POSITIONS=0 is invalid with NGRAM=1: an n-gram score is only reported after its "
                 "audit (use >= 1, or NGRAM=0)")
@@ -1193,7 +1204,7 @@ def load_artifact_model(args: Hyperparameters, rt: Runtime) -> GPT:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: full-coverage sliding window, exact n-gram backoff, built-in audit
+# Evaluation: full-coverage sliding window, exact n-gram backoff, causally learned mixing, audit
 
 
 def window_plan(n_tokens: int, seq_len: int, stride: int) -> Tensor:
@@ -1205,50 +1216,139 @@ def window_plan(n_tokens: int, seq_len: int, stride: int) -> Tensor:
     return torch.cat((torch.arange(first, last, stride), torch.tensor([last])))
 
 
-def prefix_counts(keys: Tensor) -> Tensor:
-    """For each i: the number of j < i with keys[j] == keys[i]. One stable sort, O(N log N)."""
-    order = torch.argsort(keys, stable=True)
-    sorted_keys = keys[order]
+def group_sort(keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One stable sort of `keys`: the permutation, where each run of equal keys starts (in sorted
+    order), and each entry's rank within its run, which is its count of earlier equal keys."""
+    perm = torch.argsort(keys, stable=True)
+    sorted_keys = keys[perm]
     idx = torch.arange(len(keys), device=keys.device)
     starts = torch.ones_like(sorted_keys, dtype=torch.bool)
     starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    rank_sorted = idx - torch.cummax(torch.where(starts, idx, 0), dim=0).values
-    out = torch.empty_like(idx)
-    out[order] = rank_sorted
+    return perm, starts, idx - torch.cummax(torch.where(starts, idx, 0), dim=0).values
+
+
+def prefix_counts(keys: Tensor) -> Tensor:
+    """For each i: the number of j < i with keys[j] == keys[i]. O(N log N)."""
+    perm, _, rank = group_sort(keys)
+    return torch.empty_like(rank).scatter_(0, perm, rank)
+
+
+class NgramTables(NamedTuple):
+    order: Tensor  # backoff order used at t (0: no context seen NGRAM_MIN_COUNT times)
+    p: Tensor      # p_ng(x_t) = c(ctx, x_t) / c(ctx)
+    count: Tensor  # c(ctx): earlier positions with t's context, at that order
+    top: Tensor    # max_v c(ctx, v): how often the most frequent continuation followed it
+
+
+def ngram_tables(tokens: Tensor, vocab: int, min_order: int, max_order: int, min_count: int) -> NgramTables:
+    """For every position t, counting only earlier positions s < t: the highest order whose context
+    was seen min_count times, chosen from context counts alone, and its statistics. Contexts get exact
+    dense ids: the k-token context ending at i is re-ranked from (the (k-1)-token id at i-1, token i),
+    so no two contexts share a count. One stable sort per order serves twice: its ranks are the joint
+    counts c(ctx, x_t) of order k and the context counts of order k+1. Positions whose context would
+    start before the stream get unique negative keys, so they only ever count as themselves."""
+    n, dev = len(tokens), tokens.device
+    out = NgramTables(torch.zeros(n, dtype=torch.int8, device=dev), torch.zeros(n, dtype=torch.float64, device=dev),
+                      torch.zeros(n, dtype=torch.int64, device=dev), torch.zeros(n, dtype=torch.int64, device=dev))
+    ids, (perm, starts, rank) = tokens, group_sort(tokens)  # 1-token contexts ending at each i
+    for k in range(1, min(max_order, n)):  # contexts of k tokens: order k + 1 at positions t >= k
+        pc_k = torch.empty_like(rank).scatter_(0, perm, rank)
+        if int(pc_k.max()) + 1 < min_count:  # no context repeats enough; longer ones repeat less
+            break
+        keys = torch.cat((-1 - torch.arange(k, device=dev), ids[:-1][k - 1:] * vocab + tokens[k:]))
+        perm1, starts1, rank1 = group_sort(keys)
+        pc_next = torch.empty_like(rank1).scatter_(0, perm1, rank1)  # c(ctx, x_t) at t, order k + 1
+        # max_v c_{<t}(ctx, v): over earlier s in t's context group, the joint count including s itself
+        w = torch.cat((pc_next[1:] + 1, pc_next.new_zeros(1)))[perm]
+        group = torch.cumsum(starts, 0) - 1
+        run_max = torch.cummax(group * (n + 1) + w, 0).values - group * (n + 1)
+        top_sorted = torch.where(starts, 0, torch.roll(run_max, 1))
+        top = torch.empty_like(top_sorted).scatter_(0, perm, top_sorted)
+        if k + 1 >= min_order:
+            c_ctx = pc_k[k - 1:n - 1]
+            hit = c_ctx >= min_count
+            out.order[k:][hit] = k + 1
+            out.p[k:][hit] = pc_next[k:][hit].double() / c_ctx[hit].double()
+            out.count[k:][hit] = c_ctx[hit]
+            out.top[k:][hit] = top[k - 1:n - 1][hit]
+        ids = torch.empty_like(rank1).scatter_(0, perm1, torch.cumsum(starts1, 0) - 1)
+        perm, starts, rank = perm1, starts1, rank1
     return out
 
 
-def ngram_tables(tokens: Tensor, vocab: int, min_order: int, max_order: int, min_count: int) -> tuple[Tensor, Tensor]:
-    """For every position t of the stream: the backoff order used (0: none) and p_ng(x_t) =
-    c(ctx, x_t) / c(ctx), counting only earlier positions s < t. Contexts get exact dense ids (the
-    order-n id re-ranks (order n-1 id, one more token back)), so no two contexts share a count; the
-    order is the highest whose context count reaches min_count, chosen without looking at x_t."""
-    n = len(tokens)
-    order = torch.zeros(n, dtype=torch.int8, device=tokens.device)
-    p_ng = torch.zeros(n, dtype=torch.float64, device=tokens.device)
-    ctx = tokens[:-1].clone()  # context ids for length-1 contexts, aligned to positions 1..n-1
-    for k in range(1, max_order):  # k = context length, order k + 1
-        if k > 1:
-            if n <= k:
-                break
-            ctx = torch.unique(ctx[1:] * vocab + tokens[:n - k], return_inverse=True)[1]
-        if k + 1 < min_order:
-            continue
-        target = tokens[k:]
-        c_ctx = prefix_counts(ctx)
-        c_joint = prefix_counts(ctx * vocab + target)
-        hit = c_ctx >= min_count
-        order[k:][hit] = k + 1
-        p_ng[k:][hit] = c_joint[hit].double() / c_ctx[hit].double()
-    return order, p_ng
-
-
 def ngram_alpha(entropy: Tensor, args: Hyperparameters) -> Tensor:
+    """The fixed, entropy-adaptive mixing weight: more n-gram where the model is unsure."""
     return args.ngram_ent_base + args.ngram_ent_range * torch.sigmoid(args.ngram_ent_scale * (entropy - args.ngram_ent_thresh))
 
 
-def mix(p_model: Tensor, p_ng: Tensor, matched: Tensor, alpha: Tensor) -> Tensor:
-    return torch.where(matched, (1 - alpha) * p_model + alpha * p_ng, p_model)
+def mixer_inputs(order: Tensor, count: Tensor, top: Tensor, entropy: Tensor, top_p: Tensor,
+                 args: Hyperparameters) -> tuple[Tensor, Tensor]:
+    """Features of matched positions, all known before x_t: one-hot order, log c(ctx), the share of its
+    most frequent continuation, the model's entropy and top probability. The offset is the fixed
+    mixer's logit, so weights at zero give exactly the fixed alpha (clipped to (1e-6, 1 - 1e-6))."""
+    one_hot = F.one_hot(order.long() - args.ngram_min_order, args.ngram_max_order - args.ngram_min_order + 1)
+    c = count.double()
+    phi = torch.cat((one_hot.double(), torch.stack((c.log(), top / c, entropy, top_p), 1)), 1)
+    return phi, torch.logit(ngram_alpha(entropy, args).clamp(1e-6, 1 - 1e-6))
+
+
+def mixture_nll(z: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
+    return -torch.log(p_model + torch.sigmoid(z) * (p_ng - p_model))
+
+
+class LearnedMixer:
+    """alpha_t = sigmoid(offset_t + w . phi_t), with w refitted at chunk boundaries on the matched
+    positions already scored (score first): chunk j uses weights fitted on positions before it only.
+    Chunks grow from NGRAM_MIX_FIRST targets, doubling up to NGRAM_MIX_CHUNK, so bad starting weights
+    cost little; each refit takes NGRAM_MIX_STEPS damped Newton steps from the previous weights on up
+    to NGRAM_MIX_CHUNK earlier positions (an even stride over all of them), with an L2 pull to zero
+    (the fixed mixer). Deterministic and run identically on every rank over the whole stream."""
+
+    def __init__(self, args: Hyperparameters, n_features: int, device):
+        self.args, self.bounds = args, [1]
+        self.weights = [torch.zeros(n_features, dtype=torch.float64, device=device)]
+
+    def weights_at(self, t: int) -> Tensor:
+        return self.weights[bisect.bisect_right(self.bounds, t) - 1]
+
+    def fit(self, w: Tensor, phi: Tensor, offset: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
+        lam = self.args.ngram_mix_l2
+
+        def loss(w):
+            return float(mixture_nll(offset + phi @ w, p_model, p_ng).mean()) + 0.5 * lam * float(w @ w)
+
+        eye, cur = torch.eye(len(w), dtype=w.dtype, device=w.device), loss(w)
+        for _ in range(self.args.ngram_mix_steps):
+            a = torch.sigmoid(offset + phi @ w)
+            g = -a * (1 - a) * (p_ng - p_model) / (p_model + a * (p_ng - p_model))  # d nll / dz
+            curv = g * g + torch.clamp(g * (1 - 2 * a), min=0)  # a PSD part of d2 nll / dz2
+            step = torch.linalg.solve(phi.T @ (phi * curv[:, None]) / len(g) + lam * eye, phi.T @ g / len(g) + lam * w)
+            for _ in range(4):  # halve until the loss goes down
+                new = loss(w - step)
+                if new < cur:
+                    w, cur = w - step, new
+                    break
+                step = step / 2
+        return w
+
+    def alphas(self, feats: tuple, pos: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
+        """alpha at the matched positions `pos` (sorted), fitting as the stream goes; `feats` holds their
+        (order, count, top, entropy, top_p), turned into features a chunk at a time to bound memory."""
+        args, out, start, size, fitted = self.args, torch.empty_like(p_ng), 1, self.args.ngram_mix_first, 0
+        end_all = int(pos[-1]) + 1 if len(pos) else 1
+        while start < end_all:
+            end = start + size
+            lo, hi = (int(torch.searchsorted(pos, b)) for b in (start, end))
+            phi, offset = mixer_inputs(*(f[lo:hi] for f in feats), args)
+            out[lo:hi] = torch.sigmoid(offset + phi @ self.weights[-1])
+            if fitted < hi < len(pos):  # refit on everything scored so far, before the next chunk is mixed
+                fitted = hi
+                seen = torch.arange(0, hi, -(-hi // args.ngram_mix_chunk), device=pos.device)
+                phi, offset = mixer_inputs(*(f[seen] for f in feats), args)
+                self.weights.append(self.fit(self.weights[-1], phi, offset, p_model[seen], p_ng[seen]))
+                self.bounds.append(end)
+            start, size = end, min(2 * size, args.ngram_mix_chunk)
+        return out
 
 
 def window_batch(ends: Tensor, prev_ends: Tensor, seq_len: int, batch: int) -> tuple[Tensor, Tensor]:
@@ -1295,72 +1395,82 @@ class Deadline:
         return self.seconds > 0 and self.elapsed() > self.seconds
 
 
-def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger, *, label: str,
-             seq_len: int, stride: int, deadline: Deadline, ngram=None, audit: list[int] | None = None,
-             dump: bool = False) -> dict:
-    """Score every target of the validation stream `val` (on rt.device) once, in windows split across
-    ranks. With `ngram` (order, p_ng tables), also the entropy-adaptive mixture, from the same pass.
-    Complete only if every target was scored and no rank was past the deadline when it finished."""
-    t0 = time.perf_counter()
-    n_tok = len(val)
+SCORE_ROWS = ("nll", "entropy", "top_p", "scored")  # per stream position; the last entry: ranks past the deadline
+
+
+def score_windows(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, log: Logger, *, label: str,
+                  seq_len: int, stride: int, deadline: Deadline) -> Tensor:
+    """This rank's share of the windows: a flat float64 buffer holding, for every stream position it
+    scored, the model's nll of the target, its entropy and top probability and a 1 (zeros elsewhere),
+    then 1 if the deadline passed. Summed over ranks it is the whole stream: each position has one owner."""
+    t0, n_tok = time.perf_counter(), len(val)
     ends = window_plan(n_tok, seq_len, stride)
     prev_ends = torch.cat((torch.zeros(1, dtype=torch.int64), ends[:-1]))
     lo, hi = len(ends) * rt.rank // rt.world_size, len(ends) * (rt.rank + 1) // rt.world_size
     hidden_fn = eval_forward(model, args, rt)
-    audit_pos = torch.tensor(audit or [], dtype=torch.int64)
-    sums = torch.zeros(5, dtype=torch.float64, device=rt.device)  # nll, mixed nll, bytes, count, ranks late
-    dumps, records = [], []
+    buf = torch.zeros(len(SCORE_ROWS) * n_tok + 1, dtype=torch.float64, device=rt.device)
+    rows_out = buf[:-1].view(len(SCORE_ROWS), n_tok)
     B, last_report = args.eval_batch_seqs, time.perf_counter()
     model.eval()
     for b in range(lo, hi, B):
         if deadline.passed():
             break
         rows, scored = window_batch(ends[b:min(b + B, hi)], prev_ends[b:min(b + B, hi)], seq_len, B)
-        pos_host = rows.flatten()[scored] + 1
-        pos = pos_host.to(rt.device, non_blocking=True)
+        pos = (rows.flatten()[scored] + 1).to(rt.device, non_blocking=True)
         logp = eval_logprobs(model, hidden_fn, val[rows.to(rt.device)], scored.to(rt.device), rt)
-        tgt = val[pos]
-        nll = -logp.gather(1, tgt[:, None]).squeeze(1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        nbytes = target_bytes(val[pos - 1], tgt, luts).double()
-        sums[0] += nll.sum()
-        sums[2] += nbytes.sum()
-        sums[3] += len(pos)
-        if ngram is not None:
-            order, p_tab = ngram[0][pos], ngram[1][pos]
-        else:  # no n-gram: every position unmatched, the mixture is the model
-            order, p_tab = torch.zeros_like(pos, dtype=torch.int8), torch.zeros_like(nll)
-        alpha = ngram_alpha(entropy, args)
-        p_mixed = mix(torch.exp(-nll), p_tab, order > 0, alpha)
-        nll_mixed = torch.where(order > 0, -torch.log(p_mixed), nll)  # unmatched: the model alone, exactly
-        sums[1] += nll_mixed.sum()
-        hits = torch.nonzero(torch.isin(pos_host, audit_pos)).flatten()
-        if len(hits):  # what the audit will check: (t, p(x_t), order) as this pass scored them
-            hits_dev = hits.to(rt.device)
-            records += zip(pos_host[hits].tolist(), p_mixed[hits_dev].tolist(), order[hits_dev].tolist())
-        if dump:
-            dumps.append({"pos": pos, "target": tgt, "nll_model": nll, "entropy": entropy,
-                          "order": order.to(torch.int64), "p_ng": torch.where(order > 0, p_tab, torch.nan),
-                          "alpha": torch.where(order > 0, alpha, torch.nan), "nll_mixed": nll_mixed})
+        rows_out[:, pos] = torch.stack((-logp.gather(1, val[pos][:, None]).squeeze(1), -(logp.exp() * logp).sum(-1),
+                                        logp.max(-1).values.exp(), torch.ones_like(pos, dtype=torch.float64)))
         if rt.master and time.perf_counter() - last_report > 10:
             last_report = time.perf_counter()
             done = min(1.0, (b - lo + B) / max(1, hi - lo))
             log(f"eval_progress {label} coverage:{done:.4f} elapsed_s:{deadline.elapsed():.0f} "
                 f"eta_s:{(time.perf_counter() - t0) * (1 - done) / done:.0f}")
-    sums[4] = float(deadline.passed())
-    rt.all_reduce(sums)
-    n_scored_total = int(sums[3].item())
-    result = {"tokens": n_scored_total, "bytes": int(sums[2].item()), "coverage": n_scored_total / (n_tok - 1),
-              "complete": n_scored_total == n_tok - 1 and not sums[4].item(),
-              "eval_ms": 1000 * (time.perf_counter() - t0), "records": records}
-    for key, s in (("model", sums[0]), ("mixed", sums[1])):
-        result[f"loss_{key}"] = s.item() / max(n_scored_total, 1)
-        result[f"bpb_{key}"] = s.item() / math.log(2) / max(sums[2].item(), 1)
-    if dump:
-        local = {k: torch.cat([d[k] for d in dumps]).cpu().numpy() if dumps else np.zeros(0) for k in
-                 ("pos", "target", "nll_model", "entropy", "order", "p_ng", "alpha", "nll_mixed")}
-        result["dump"] = rt.gather_objects(local, everywhere=False)
-    return result
+    buf[-1] = float(deadline.passed())
+    return buf
+
+
+def stream_scores(buf: Tensor, val: Tensor, luts, t0: float) -> dict:
+    """The summed buffer as per-position tensors, and the score. Complete only if every target was
+    scored exactly once and no rank was past the deadline."""
+    cols = dict(zip(SCORE_ROWS, buf[:-1].view(len(SCORE_ROWS), len(val))))
+    scored = cols["scored"][1:]
+    n_scored = int(scored.sum().item())
+    nbytes = int((target_bytes(val[:-1], val[1:], luts).double() * scored).sum().item())
+    nll = float(cols["nll"].sum().item())
+    return {"tokens": n_scored, "bytes": nbytes, "coverage": n_scored / (len(val) - 1),
+            "complete": bool((scored == 1).all().item()) and not buf[-1].item(),
+            "loss_model": nll / max(n_scored, 1), "bpb_model": nll / math.log(2) / max(nbytes, 1),
+            "eval_ms": 1000 * (time.perf_counter() - t0), "stream": cols}
+
+
+def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger, *, label: str,
+             seq_len: int, stride: int, deadline: Deadline) -> dict:
+    """Score every target of `val` (on rt.device) once, in windows split across ranks; every rank ends
+    with the whole stream's per-position scores (one all-reduce)."""
+    t0 = time.perf_counter()
+    buf = score_windows(model, val, args, rt, log, label=label, seq_len=seq_len, stride=stride, deadline=deadline)
+    return stream_scores(rt.all_reduce(buf), val, luts, t0)
+
+
+def ngram_mixture(res: dict, tables: NgramTables, args: Hyperparameters) -> dict:
+    """The mixed stream, score first: p = (1 - alpha) p_model + alpha p_ng where a context matched,
+    else p_model exactly. alpha is the fixed entropy sigmoid (NGRAM_MIXER=fixed) or learned causally."""
+    cols, t0 = res["stream"], time.perf_counter()
+    pos = torch.nonzero(tables.order[1:] > 0).flatten() + 1
+    p_model, p_ng, feats = torch.exp(-cols["nll"][pos]), tables.p[pos], (
+        tables.order[pos], tables.count[pos], tables.top[pos], cols["entropy"][pos], cols["top_p"][pos])
+    mixer = None
+    if args.ngram_mixer == "learned":
+        mixer = LearnedMixer(args, args.ngram_max_order - args.ngram_min_order + 5, pos.device)
+        alpha = mixer.alphas(feats, pos, p_model, p_ng)
+    else:
+        alpha = ngram_alpha(feats[3], args)
+    nll_mixed = cols["nll"].clone()
+    nll_mixed[pos] = -torch.log((1 - alpha) * p_model + alpha * p_ng)
+    alpha_all = torch.full_like(nll_mixed, math.nan).index_put_((pos,), alpha)
+    loss = float(nll_mixed.sum().item())
+    return dict(res, loss_mixed=loss / max(res["tokens"], 1), bpb_mixed=loss / math.log(2) / max(res["bytes"], 1),
+                nll_mixed=nll_mixed, alpha=alpha_all, mixer=mixer, mix_ms=1000 * (time.perf_counter() - t0))
 
 
 def final_line(kind: str, res: dict, which: str = "model") -> str:
@@ -1390,18 +1500,19 @@ def audit_positions(order: Tensor, count: int, seed: int) -> list[int]:
     return sorted(picks)
 
 
-def brute_force_ngram(tokens: Tensor, t: int, vocab: int, args: Hyperparameters) -> tuple[Tensor | None, int]:
-    """The full n-gram distribution at t rebuilt from the prefix tokens[:t] by direct comparison."""
+def brute_force_ngram(tokens: Tensor, t: int, vocab: int, args: Hyperparameters) -> tuple[Tensor | None, int, int]:
+    """The full n-gram distribution at t rebuilt from the prefix tokens[:t] by direct comparison: the
+    continuation counts over the number of matching contexts c(ctx), which is returned with the order."""
     for n in range(args.ngram_max_order, args.ngram_min_order - 1, -1):
         k = n - 1
         if t < k + 1:
             continue
         windows = tokens[:t - 1].unfold(0, k, 1)  # windows[i] = tokens[i:i+k], context of position i+k
         match = (windows == tokens[t - k:t]).all(dim=1)
-        if int(match.sum()) >= args.ngram_min_count:
-            counts = torch.bincount(tokens[k:t][match], minlength=vocab).double()
-            return counts / counts.sum(), n
-    return None, 0
+        c = int(match.sum())
+        if c >= args.ngram_min_count:
+            return torch.bincount(tokens[k:t][match], minlength=vocab).double() / c, n, c
+    return None, 0, 0
 
 
 def audit_model_logp(model: GPT, val: Tensor, positions: list[int], args: Hyperparameters, rt: Runtime) -> Tensor:
@@ -1426,17 +1537,23 @@ def audit_model_logp(model: GPT, val: Tensor, positions: list[int], args: Hyperp
 
 
 def audit_ngram(records: list, logp_rows: Tensor, tokens: Tensor, vocab: int, args: Hyperparameters,
-                dist_fn=brute_force_ngram) -> dict:
+                mixer: LearnedMixer | None = None, dist_fn=brute_force_ngram) -> dict:
     """For each record (t, p_fast, order_fast) and its independently computed model row: the mixture
-    of that row with the brute-force n-gram distribution, written out here rather than taken from the
-    fast path, must sum to 1, give x_t the fast path's probability, and use the fast path's order."""
+    of that row with the brute-force n-gram distribution, its alpha recomputed from features taken
+    from the row and the raw counts (with the learned weights of t's chunk), written out here rather
+    than taken from the fast path, must sum to 1, give x_t the fast path's probability, use its order."""
     sum_err, target_err, order_mismatch = 0.0, 0.0, 0
     for (t, p_fast, order_fast), logp in zip(records, logp_rows):
         p_model = logp.exp()
-        dist_ng, order = dist_fn(tokens, t, vocab, args)
+        dist_ng, order, count = dist_fn(tokens, t, vocab, args)
         p_mix = p_model
         if dist_ng is not None:
-            alpha = ngram_alpha(-(p_model * logp).sum(), args)
+            entropy, c = -(p_model * logp).sum(), torch.tensor(float(count), dtype=torch.float64, device=logp.device)
+            alpha = ngram_alpha(entropy, args)
+            if mixer is not None:
+                feats = (torch.tensor(order, device=logp.device), c, torch.round(dist_ng.max() * c), entropy, p_model.max())
+                phi, offset = mixer_inputs(*(v.reshape(1) for v in feats), args)
+                alpha = torch.sigmoid(offset + phi @ mixer.weights_at(t))[0]
             p_mix = (1 - alpha) * p_model + alpha * dist_ng
         sum_err = max(sum_err, abs(float(p_mix.sum()) - 1.0))
         target_err = max(target_err, abs(float(p_mix[tokens[t]]) - p_fast))
@@ -1445,43 +1562,55 @@ def audit_ngram(records: list, logp_rows: Tensor, tokens: Tensor, vocab: int, ar
             "order_mismatch": order_mismatch}
 
 
-def run_audit(model: GPT, val: Tensor, records: list, args: Hyperparameters, rt: Runtime, deadline: Deadline) -> dict:
-    """Each rank audits the positions it scored; the reports are merged on every rank."""
-    rows = audit_model_logp(model, val, [r[0] for r in records], args, rt)
-    parts = rt.gather_objects(dict(audit_ngram(records, rows, val, args.vocab_size, args), late=deadline.passed()))
+def run_audit(model: GPT, val: Tensor, mixed: dict, tables: NgramTables, picks: list[int], args: Hyperparameters,
+              rt: Runtime, deadline: Deadline) -> dict:
+    """Each rank audits every world_size-th sampled position against the fast path's mixed stream; the
+    reports are merged on every rank."""
+    mine = picks[rt.rank::rt.world_size]
+    records = [(t, math.exp(-float(mixed["nll_mixed"][t])), int(tables.order[t])) for t in mine]
+    rows = audit_model_logp(model, val, mine, args, rt)
+    parts = rt.gather_objects(dict(audit_ngram(records, rows, val, args.vocab_size, args, mixed["mixer"]),
+                                   late=deadline.passed()))
     return {"positions": sum(p["positions"] for p in parts), "order_mismatch": sum(p["order_mismatch"] for p in parts),
             "max_sum_err": max(p["max_sum_err"] for p in parts), "max_target_err": max(p["max_target_err"] for p in parts),
             "late": any(p["late"] for p in parts)}
 
 
-def write_dump(path: str, parts: list[dict]) -> None:
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(merged["pos"], kind="stable")
-    np.savez(path, **{k: v[order] for k, v in merged.items()})
+def write_dump(path: str, val: Tensor, res: dict, tables: NgramTables | None) -> None:
+    """Per target t = 1..N-1: the model's nll, entropy and top probability; the n-gram's order, c(ctx),
+    max_v c(ctx, v) and p_ng(x_t); alpha and the mixed nll (NaN / the model's nll where unmatched)."""
+    cols, n = res["stream"], len(val)
+    if tables is None:
+        tables = NgramTables(*(torch.zeros(n, dtype=d, device=val.device) for d in (torch.int8, torch.float64, torch.int64, torch.int64)))
+    out = {"pos": torch.arange(n), "target": val, "nll_model": cols["nll"], "entropy": cols["entropy"],
+           "top_p": cols["top_p"], "order": tables.order.long(), "count": tables.count, "top": tables.top,
+           "p_ng": torch.where(tables.order > 0, tables.p, math.nan),
+           "alpha": res.get("alpha", torch.full_like(cols["nll"], math.nan)), "nll_mixed": res.get("nll_mixed", cols["nll"])}
+    np.savez(path, **{k: v[1:].cpu().numpy() for k, v in out.items()})
 
 
 def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger,
                    deadline: Deadline, timings: dict) -> tuple[dict, dict | None]:
     """The submission's score: the sliding window, and its n-gram mixture once the audit has passed.
-    The n-gram score is complete only if the precompute, the pass and the audit all end inside the deadline."""
-    ngram, picks, mixed = None, None, None
-    if args.ngram:
-        t0 = time.perf_counter()
-        ngram = ngram_tables(val, args.vocab_size, args.ngram_min_order, args.ngram_max_order,
-                             args.ngram_min_count)
-        picks = audit_positions(ngram[0], args.ngram_audit_positions, args.seed)
-        rt.sync()
-        timings["ngram_precompute_ms"] = 1000 * (time.perf_counter() - t0)
+    The n-gram score is complete only if the precompute, the mixing and the audit end inside the deadline."""
     res = evaluate(model, val, luts, args, rt, log, label="sliding", seq_len=args.eval_seq_len,
-                   stride=args.eval_stride, deadline=deadline, ngram=ngram, audit=picks,
-                   dump=bool(args.eval_dump_path))
+                   stride=args.eval_stride, deadline=deadline)
     timings["sliding_ms"] = res["eval_ms"]
     log(final_line("sliding", res, "model"))
+    mixed, tables = None, None
     if args.ngram:
-        mixed = dict(res, eval_ms=res["eval_ms"] + timings["ngram_precompute_ms"])
+        t0 = time.perf_counter()
+        tables = ngram_tables(val, args.vocab_size, args.ngram_min_order, args.ngram_max_order, args.ngram_min_count)
+        rt.sync()
+        timings["ngram_precompute_ms"] = 1000 * (time.perf_counter() - t0)
+        mixed = ngram_mixture(res, tables, args) if res["complete"] else dict(res)
+        mixed["eval_ms"] = res["eval_ms"] + 1000 * (time.perf_counter() - t0)
         if res["complete"]:
+            timings["mix_ms"] = mixed["mix_ms"]
+            log_mixer(mixed, tables, log)
+            picks = audit_positions(tables.order, args.ngram_audit_positions, args.seed)
             t0 = time.perf_counter()
-            rep = run_audit(model, val, res["records"], args, rt, deadline)
+            rep = run_audit(model, val, mixed, tables, picks, args, rt, deadline)
             timings["audit_ms"] = 1000 * (time.perf_counter() - t0)
             log(f"ngram_audit positions:{rep['positions']} max_sum_err:{rep['max_sum_err']:.3e} "
                 f"max_target_err:{rep['max_target_err']:.3e} order_mismatch:{rep['order_mismatch']} "
@@ -1491,10 +1620,23 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
                 raise EvalFailure(f"n-gram audit failed, no n-gram score is reported: {rep}, sampled {len(picks)}")
             mixed["complete"] = not rep["late"]
         log(final_line("ngram", mixed, "mixed"))
-    if args.eval_dump_path and rt.master:
-        write_dump(args.eval_dump_path, res["dump"])
+    if args.eval_dump_path and rt.master and res["complete"]:
+        write_dump(args.eval_dump_path, val, mixed or res, tables)
         log(f"eval_dump path:{args.eval_dump_path} tokens:{res['tokens']}")
     return res, mixed
+
+
+def log_mixer(mixed: dict, tables: NgramTables, log: Logger) -> None:
+    """Where the n-gram was used and what it bought, by order: a reader can see the mixture pay or cost."""
+    nll, nll_mixed, alpha = mixed["stream"]["nll"], mixed["nll_mixed"], mixed["alpha"]
+    parts = []
+    for o in sorted(set(tables.order.unique().tolist()) - {0}):
+        m = tables.order == o
+        parts.append(f"{o}:{int(m.sum())}/{float(alpha[m].mean()):.3f}/{float((nll[m] - nll_mixed[m]).sum()) / math.log(2) / mixed['bytes']:+.5f}")
+    mixer = mixed["mixer"]
+    learned = f"refits:{len(mixer.weights) - 1} weights:" + ",".join(f"{v:.3g}" for v in mixer.weights[-1].tolist()) if mixer else ""
+    log(f"ngram_mix mixer:{'learned' if mixer else 'fixed'} ms:{mixed['mix_ms']:.0f} "
+        f"order:targets/mean_alpha/bpb_gain {' '.join(parts)} {learned}".rstrip())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,6 +101,10 @@ CONFIG_CASES = {
                               ["NGRAM_MAX_ORDER=3", "NGRAM_MIN_ORDER=5"]),
     # an n-gram score must come with its audit
     "ngram_without_audit": ({"NGRAM": "1", "NGRAM_AUDIT_POSITIONS": "0"}, ["NGRAM_AUDIT_POSITIONS=0", "NGRAM=1"]),
+    "unknown_mixer": ({"NGRAM_MIXER": "adaptive"}, ["NGRAM_MIXER='adaptive'", "learned or fixed"]),
+    "mix_chunk_below_first": ({"NGRAM_MIX_FIRST": "4096", "NGRAM_MIX_CHUNK": "1024"},
+                              ["NGRAM_MIX_CHUNK=1024", "NGRAM_MIX_FIRST=4096"]),
+    "mix_l2_zero": ({"NGRAM_MIX_L2": "0"}, ["NGRAM_MIX_L2=0", "out of range"]),
 }
 
 

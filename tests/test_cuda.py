@@ -48,8 +48,8 @@ def check_audit(stdout: str) -> None:
 
 
 def test_whole_pipeline_on_the_gpu(corpus, tmp_path):
-    """Train (compiled, autocast, CUDA-event timing), export, round trip, sliding + n-gram eval and the
-    audit, all on the GPU: the run completes and its audit holds at the CPU's tolerance."""
+    """Train (compiled, autocast, CUDA-event timing), export, round trip, sliding + n-gram eval with the
+    learned mixer and the audit, all on the GPU: the run completes and its audit holds at the CPU's tolerance."""
     proc = run_script(corpus, tmp_path, timeout=600, DEVICE="cuda")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^env .*device:cuda:0 ", proc.stdout, re.M)
@@ -57,6 +57,7 @@ def test_whole_pipeline_on_the_gpu(corpus, tmp_path):
     assert set(f) == {"prequant", "roundtrip", "sliding", "ngram"}
     assert all(v["coverage"] == 1.0 and math.isfinite(v["val_bpb"]) for v in f.values())
     check_audit(proc.stdout)
+    assert re.search(r"^ngram_mix mixer:learned .* refits:[1-9]", proc.stdout, re.M)  # refitted on the GPU
     steps = re.findall(r"^step:\d+/\d+ .* fwd_bwd_ms:(\S+) opt_ms:(\S+) other_ms:\S+ ", proc.stdout, re.M)
     assert steps and all(float(a) > 0 and float(b) > 0 for a, b in steps)
     assert re.search(r"^peak_memory_mib:\d+$", proc.stdout, re.M)

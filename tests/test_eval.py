@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import unicodedata
 
@@ -83,22 +84,25 @@ def luts(corpus):
     return tuple(torch.from_numpy(a) for a in train_gpt.byte_luts(sp))
 
 
-def run_eval(model, val, luts, args, world_size, seq_len, stride, ngram=None, deadline=0, audit=None):
-    """`evaluate` called once per simulated rank; returns the per-rank results and runtimes."""
-    out = []
-    for r in range(world_size):
-        rt = FakeRuntime(r, world_size)
-        res = train_gpt.evaluate(model, val, luts, args, rt, quiet, label="test", seq_len=seq_len, stride=stride,
-                                 deadline=train_gpt.Deadline(deadline), ngram=ngram, audit=audit, dump=True)
-        out.append((res, rt))
-    return out
+def run_eval(model, val, luts, args, world_size, seq_len, stride, ngram=None, deadline=0):
+    """The pass as `world_size` simulated ranks, each scoring its own windows into its buffer; the
+    buffers summed as the all-reduce sums them; then the stream scores and, with tables, the mixture.
+    The per-rank buffers are kept under "parts"."""
+    t0 = time.perf_counter()
+    parts = [train_gpt.score_windows(model, val, args, FakeRuntime(r, world_size), quiet, label="test", seq_len=seq_len,
+                                     stride=stride, deadline=train_gpt.Deadline(deadline)) for r in range(world_size)]
+    res = train_gpt.stream_scores(torch.stack(parts).sum(0), val, luts, t0)
+    res = train_gpt.ngram_mixture(res, ngram, args) if ngram is not None and res["complete"] else res
+    return dict(res, parts=parts)
 
 
-def merged_dump(per_rank) -> dict:
-    parts = [res["dump"][0] for res, _ in per_rank]
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(merged["pos"], kind="stable")
-    return {k: v[order] for k, v in merged.items()}
+def dump_of(res, val, tables=None) -> dict:
+    """What EVAL_DUMP_PATH would hold for this result: train_gpt.write_dump into a temporary file."""
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/dump.npz"
+        train_gpt.write_dump(path, val, res, tables)
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
 
 
 def my_window_end(p: int, n_tokens: int, seq_len: int, stride: int) -> int:
@@ -113,10 +117,12 @@ def my_window_end(p: int, n_tokens: int, seq_len: int, stride: int) -> int:
 
 def slow_ngram(tokens: list[int], min_order: int, max_order: int, min_count: int, keep_dists_at=()):
     """Reference n-gram backoff in plain dicts, one position at a time: choose the order and read
-    p(x_t) from counts of earlier positions only, then add position t to the counts."""
+    p(x_t), c(ctx) and max_v c(ctx, v) from counts of earlier positions only, then add position t."""
     ctx_count = {n: {} for n in range(min_order, max_order + 1)}
     joint_count = {n: {} for n in range(min_order, max_order + 1)}
+    top_count = {n: {} for n in range(min_order, max_order + 1)}
     orders, probs, dists = [0] * len(tokens), [0.0] * len(tokens), {}
+    counts, tops = [0] * len(tokens), [0] * len(tokens)
     for t in range(len(tokens)):
         x = tokens[t]
         for n in range(max_order, min_order - 1, -1):
@@ -125,7 +131,7 @@ def slow_ngram(tokens: list[int], min_order: int, max_order: int, min_count: int
             ctx = tuple(tokens[t - n + 1:t])
             c = ctx_count[n].get(ctx, 0)
             if c >= min_count:
-                orders[t] = n
+                orders[t], counts[t], tops[t] = n, c, top_count[n][ctx]
                 probs[t] = joint_count[n].get((ctx, x), 0) / c
                 if t in keep_dists_at:
                     dists[t] = {v: k / c for (cx, v), k in joint_count[n].items() if cx == ctx}
@@ -135,7 +141,8 @@ def slow_ngram(tokens: list[int], min_order: int, max_order: int, min_count: int
                 ctx = tuple(tokens[t - n + 1:t])
                 ctx_count[n][ctx] = ctx_count[n].get(ctx, 0) + 1
                 joint_count[n][(ctx, x)] = joint_count[n].get((ctx, x), 0) + 1
-    return np.array(orders), np.array(probs), dists
+                top_count[n][ctx] = max(top_count[n].get(ctx, 0), joint_count[n][(ctx, x)])
+    return np.array(orders), np.array(probs), dists, np.array(counts), np.array(tops)
 
 
 def ngram_args(min_order=2, max_order=7, min_count=2):
@@ -212,13 +219,13 @@ def eval_setup(luts):
     return model, val, tables
 
 
-def check_full_coverage(per_rank, n):
-    seen = np.concatenate([res["dump"][0]["pos"] for res, _ in per_rank]).astype(np.int64)
-    assert len(seen) == n - 1, (len(seen), n - 1)
-    assert np.array_equal(np.sort(seen), np.arange(1, n))
-    counts = torch.stack([rt.reduced[0] for _, rt in per_rank]).sum(0)
-    assert int(counts[3]) == n - 1
-    assert sum(res["tokens"] for res, _ in per_rank) == n - 1
+def check_full_coverage(res, n):
+    """Each simulated rank scored a disjoint set of positions; together every target 1..n-1 exactly once."""
+    owned = [p[:-1].view(len(train_gpt.SCORE_ROWS), n)[3] for p in res["parts"]]
+    assert all(bool(((o == 0) | (o == 1)).all()) for o in owned)
+    total = torch.stack(owned).sum(0)
+    assert float(total[0]) == 0 and bool((total[1:] == 1).all())
+    assert res["tokens"] == n - 1 and res["coverage"] == 1.0 and res["complete"]
 
 
 @pytest.mark.parametrize("seq_len,stride", [(64, 16), (64, 64), (32, 1)])
@@ -226,44 +233,31 @@ def test_evaluate_coverage_independent_of_batch_and_world_size(eval_setup, luts,
     model, val, tables = eval_setup
     n = len(val) if stride > 1 else 300
     val = val[:n]
-    tables = tuple(t[:n] for t in tables)  # prefix counts: the first n entries are the tables of val[:n]
+    tables = train_gpt.NgramTables(*(t[:n] for t in tables))  # prefix counts: the first n entries are val[:n]'s
     configs = [(16, 1), (1, 1), (7, 1), (16, 2), (7, 3), (3, 5)] if stride > 1 else [(16, 1), (5, 3)]
-    ref_dump, ref_sums = None, {}
+    ref = None
     base, space, boundary = (a.numpy() for a in luts)
+    v = val.numpy()
+    my_bytes = int((base[v[1:]] + (space[v[1:]] & ~boundary[v[:-1]])).sum())
     for bsz, world in configs:
-        args = tiny_args(EVAL_BATCH_SEQS=bsz)
-        per_rank = run_eval(model, val, luts, args, world, seq_len, stride, ngram=tables)
-        check_full_coverage(per_rank, n)
-        sums = torch.stack([rt.reduced[0] for _, rt in per_rank]).sum(0)
-        d = merged_dump(per_rank)
-        assert np.array_equal(d["pos"], np.arange(1, n))
-        assert np.array_equal(d["target"], val.numpy()[1:])
-        if world == 1:
-            res = per_rank[0][0]
-            assert res["complete"] and res["coverage"] == 1.0
-            assert res["loss_model"] == pytest.approx(d["nll_model"].mean(), rel=1e-9)
-            assert res["loss_mixed"] == pytest.approx(d["nll_mixed"].mean(), rel=1e-9)
-            v = val.numpy()
-            my_bytes = int((base[v[1:]] + (space[v[1:]] & ~boundary[v[:-1]])).sum())
-            assert res["bytes"] == my_bytes
-            assert res["bpb_model"] == pytest.approx(d["nll_model"].sum() / math.log(2) / my_bytes, rel=1e-9)
-        else:
-            assert not any(res["complete"] for res, _ in per_rank)  # a single rank is not the whole split
-        if ref_dump is None:
-            ref_dump = d
-        else:
-            for key in ("nll_model", "nll_mixed", "entropy"):
-                np.testing.assert_allclose(d[key], ref_dump[key], rtol=0, atol=1e-5, err_msg=f"{key} {bsz} {world}")
-            for key in ("order", "target"):
-                assert np.array_equal(d[key], ref_dump[key])
-        if bsz in ref_sums:  # same batch size, another world size: the float64 sums agree to 1e-9
-            r = ref_sums[bsz]
-            assert int(sums[3]) == int(r[3]) and int(sums[2]) == int(r[2])
-            assert float(sums[0]) == pytest.approx(float(r[0]), rel=1e-9)
-            assert float(sums[1]) == pytest.approx(float(r[1]), rel=1e-9)
-        else:
-            ref_sums[bsz] = sums
-        assert float(sums[0]) == pytest.approx(float(ref_dump["nll_model"].sum()), rel=1e-6)
+        args = tiny_args(EVAL_BATCH_SEQS=bsz, NGRAM_MIX_FIRST=64, NGRAM_MIX_CHUNK=128)
+        res = run_eval(model, val, luts, args, world, seq_len, stride, ngram=tables)
+        check_full_coverage(res, n)
+        d = dump_of(res, val, tables)
+        assert np.array_equal(d["pos"], np.arange(1, n)) and np.array_equal(d["target"], v[1:])
+        assert res["loss_model"] == pytest.approx(d["nll_model"].mean(), rel=1e-12)
+        assert res["loss_mixed"] == pytest.approx(d["nll_mixed"].mean(), rel=1e-12)
+        assert res["bytes"] == my_bytes
+        assert res["bpb_model"] == pytest.approx(d["nll_model"].sum() / math.log(2) / my_bytes, rel=1e-12)
+        if ref is None:
+            ref = (res, d)
+            continue
+        # any batch size, any world size: the same per-target scores, so the same mixture and the same sums
+        for key in ("nll_model", "nll_mixed", "entropy", "top_p", "alpha"):
+            np.testing.assert_allclose(d[key], ref[1][key], rtol=0, atol=1e-9, err_msg=f"{key} {bsz} {world}")
+        for key in ("order", "target", "count", "top"):
+            assert np.array_equal(d[key], ref[1][key])
+        assert res["loss_mixed"] == pytest.approx(ref[0]["loss_mixed"], rel=1e-12)
 
 
 def test_evaluate_scores_each_target_from_its_window_context(eval_setup, luts):
@@ -271,7 +265,7 @@ def test_evaluate_scores_each_target_from_its_window_context(eval_setup, luts):
     (by the closed form above) scores p, read at input position p - 1."""
     model, val, tables = eval_setup
     n, seq_len, stride = len(val), 64, 16
-    d = merged_dump(run_eval(model, val, luts, tiny_args(EVAL_BATCH_SEQS=8), 2, seq_len, stride, ngram=tables))
+    d = dump_of(run_eval(model, val, luts, tiny_args(EVAL_BATCH_SEQS=8), 2, seq_len, stride, ngram=tables), val, tables)
     rng = np.random.default_rng(0)
     picks = sorted({1, 2, 63, 64, 65, 80, 81, n - 2, n - 1, *rng.integers(1, n, 25).tolist()})
     with torch.no_grad():
@@ -283,6 +277,7 @@ def test_evaluate_scores_each_target_from_its_window_context(eval_setup, luts):
             assert d["pos"][i] == p
             assert d["nll_model"][i] == pytest.approx(-float(logp[val[p]]), abs=1e-5)
             assert d["entropy"][i] == pytest.approx(-float((logp.exp() * logp).sum()), abs=1e-5)
+            assert d["top_p"][i] == pytest.approx(float(logp.exp().max()), abs=1e-6)
 
 
 @pytest.mark.parametrize("n", [2, 3, 40, 65])
@@ -293,33 +288,41 @@ def test_evaluate_short_streams_more_ranks_than_windows(luts, n):
     tables = train_gpt.ngram_tables(val, 512, 2, 7, 2)
     ref = None
     for world in (1, 2, 3):
-        per_rank = run_eval(model, val, luts, tiny_args(EVAL_BATCH_SEQS=4), world, 64, 16, ngram=tables)
-        check_full_coverage(per_rank, n)
-        d = merged_dump(per_rank)
+        res = run_eval(model, val, luts, tiny_args(EVAL_BATCH_SEQS=4), world, 64, 16, ngram=tables)
+        check_full_coverage(res, n)
         if ref is None:
-            ref = d
-            assert per_rank[0][0]["complete"]
+            ref = res
         else:
-            np.testing.assert_allclose(d["nll_mixed"], ref["nll_mixed"], rtol=0, atol=1e-5)
+            assert res["loss_mixed"] == pytest.approx(ref["loss_mixed"], abs=1e-12)
 
 
-def test_evaluate_records_pass_the_audit(eval_setup, luts):
-    """The audit records come from the real fast path, for exactly the requested positions (split over
-    ranks), and the independent rebuild of the whole mixed distribution agrees with them."""
+def records_of(res, tables, picks):
+    """(t, p(x_t), order) as the fast path scored them: what run_audit checks."""
+    return [(t, math.exp(-float(res["nll_mixed"][t])), int(tables.order[t])) for t in picks]
+
+
+@pytest.mark.parametrize("mixer", ["learned", "fixed"])
+def test_evaluate_records_pass_the_audit(eval_setup, luts, mixer):
+    """The independent rebuild of the whole mixed distribution, features and alpha included, agrees
+    with the fast path's mixed stream at the sampled positions; the learned weights moved."""
     model, val, tables = eval_setup
-    args = tiny_args(EVAL_BATCH_SEQS=6)
-    picks = train_gpt.audit_positions(tables[0], 40, 0)
-    assert sum(int(tables[0][t]) > 0 for t in picks) >= 20
-    per_rank = run_eval(model, val, luts, args, 3, 64, 16, ngram=tables, audit=picks)
-    records = [r for res, _ in per_rank for r in res["records"]]
-    assert sorted(r[0] for r in records) == sorted(picks)
-    d = merged_dump(per_rank)
-    for t, p_fast, order in records:
-        assert order == d["order"][t - 1] and p_fast == pytest.approx(math.exp(-d["nll_mixed"][t - 1]), rel=1e-9)
-    rows = train_gpt.audit_model_logp(model, val, [r[0] for r in records], args, FakeRuntime())
-    rep = train_gpt.audit_ngram(records, rows, val, 512, args)
+    args = tiny_args(EVAL_BATCH_SEQS=6, NGRAM_MIXER=mixer, NGRAM_MIX_FIRST=64, NGRAM_MIX_CHUNK=256)
+    picks = train_gpt.audit_positions(tables.order, 40, 0)
+    assert sum(int(tables.order[t]) > 0 for t in picks) >= 20
+    res = run_eval(model, val, luts, args, 3, 64, 16, ngram=tables)
+    assert (res["mixer"] is None) == (mixer == "fixed")
+    if res["mixer"]:
+        assert len(res["mixer"].weights) >= 4 and float(res["mixer"].weights[-1].abs().max()) > 0.1
+    records = records_of(res, tables, picks)
+    rows = train_gpt.audit_model_logp(model, val, picks, args, FakeRuntime())
+    rep = train_gpt.audit_ngram(records, rows, val, 512, args, res["mixer"])
     assert rep["positions"] == len(picks) and rep["order_mismatch"] == 0
-    assert rep["max_sum_err"] <= 1e-6 and rep["max_target_err"] <= 1e-6
+    assert rep["max_sum_err"] <= 1e-6 and rep["max_target_err"] <= 1e-9
+    for world in (1, 3):  # run_audit splits the positions over ranks and merges the reports
+        parts = [train_gpt.run_audit(model, val, res, tables, picks, args, FakeRuntime(r, world), train_gpt.Deadline(0))
+                 for r in range(world)]
+        assert sum(p["positions"] for p in parts) == len(picks)
+        assert all(p["max_target_err"] <= 1e-9 and not p["late"] for p in parts)
 
 
 def test_audit_model_rows_see_only_the_prefix(eval_setup):
@@ -360,10 +363,10 @@ def test_audit_fails_on_a_fast_path_that_sees_the_target(eval_setup, luts, monke
     model, val, tables = eval_setup
     if kind:
         leak_patches(monkeypatch, kind)
-    args = tiny_args(EVAL_BATCH_SEQS=6)
-    picks = train_gpt.audit_positions(tables[0], 40, 1)
-    (res, rt), = run_eval(model, val, luts, args, 1, 64, 16, ngram=tables, audit=picks)
-    rep = train_gpt.run_audit(model, val, res["records"], args, rt, train_gpt.Deadline(0))
+    args = tiny_args(EVAL_BATCH_SEQS=6, NGRAM_MIX_FIRST=64)
+    picks = train_gpt.audit_positions(tables.order, 40, 1)
+    res = run_eval(model, val, luts, args, 1, 64, 16, ngram=tables)
+    rep = train_gpt.run_audit(model, val, res, tables, picks, args, FakeRuntime(), train_gpt.Deadline(0))
     assert rep["positions"] == len(picks) and rep["max_sum_err"] <= 1e-6 and not rep["late"]
     if kind is None:
         assert rep["max_target_err"] <= 1e-12
@@ -374,7 +377,7 @@ def test_audit_fails_on_a_fast_path_that_sees_the_target(eval_setup, luts, monke
 def test_audit_positions_are_seeded_spread_and_small(eval_setup):
     import tracemalloc
     _, val, tables = eval_setup
-    order = tables[0]
+    order = tables.order
     picks = train_gpt.audit_positions(order, 40, 0)
     assert picks == sorted(set(picks)) == train_gpt.audit_positions(order, 40, 0)
     assert picks != train_gpt.audit_positions(order, 40, 1)
@@ -394,7 +397,7 @@ def test_audit_positions_are_seeded_spread_and_small(eval_setup):
 
 def test_evaluate_expired_deadline_is_incomplete(eval_setup, luts):
     model, val, tables = eval_setup
-    res, _ = run_eval(model, val, luts, tiny_args(EVAL_BATCH_SEQS=4), 1, 64, 16, ngram=tables, deadline=1e-9)[0]
+    res = run_eval(model, val, luts, tiny_args(EVAL_BATCH_SEQS=4), 1, 64, 16, ngram=tables, deadline=1e-9)
     assert not res["complete"] and res["coverage"] < 1
     assert "INCOMPLETE" in train_gpt.final_line("sliding", res) and "val_bpb" not in train_gpt.final_line("sliding", res)
 
@@ -421,15 +424,17 @@ def test_ngram_tables_match_slow_reference(vocab, n, min_order, max_order, min_c
     else:
         toks = rng.integers(0, vocab, n)
     toks = toks.tolist()
-    order, p_ng = train_gpt.ngram_tables(torch.tensor(toks, dtype=torch.int64), vocab, min_order, max_order, min_count)
-    assert len(order) == n and len(p_ng) == n
-    ref_order, ref_p, _ = slow_ngram(toks, min_order, max_order, min_count)
+    order, p_ng, count, top = train_gpt.ngram_tables(torch.tensor(toks, dtype=torch.int64), vocab, min_order,
+                                                     max_order, min_count)
+    assert len(order) == len(p_ng) == len(count) == len(top) == n
+    ref_order, ref_p, _, ref_count, ref_top = slow_ngram(toks, min_order, max_order, min_count)
     order = order.to(torch.int64).numpy()
     assert order[0] == 0
     mismatch = np.nonzero(order != ref_order)[0]
     assert len(mismatch) == 0, f"first order mismatch at {mismatch[:5]}: fast {order[mismatch[:5]]} ref {ref_order[mismatch[:5]]}"
     m = ref_order > 0
     np.testing.assert_allclose(p_ng.numpy()[m], ref_p[m], rtol=0, atol=1e-12)
+    assert np.array_equal(count.numpy(), ref_count) and np.array_equal(top.numpy(), ref_top)
     if n >= 1000:  # the cases are not vacuous: many matches, including the deepest order
         assert m.mean() > 0.3 and (ref_order == max_order).any()
         assert (ref_p[m] == 0).any() and (ref_p[m] == 1).any() and ((ref_p[m] > 0) & (ref_p[m] < 1)).any()
@@ -443,8 +448,9 @@ def test_ngram_tables_distinct_contexts_never_share_counts():
     rng = np.random.default_rng(0)
     for i in range(400):
         toks += [int(rng.integers(0, vocab)), 5, 6, 7, 8, 9, 10, int(rng.integers(0, 3))]
-    order, p_ng = train_gpt.ngram_tables(torch.tensor(toks), vocab, 2, 7, 2)
-    ref_order, ref_p, _ = slow_ngram(toks, 2, 7, 2)
+    order, p_ng, count, top = train_gpt.ngram_tables(torch.tensor(toks), vocab, 2, 7, 2)
+    ref_order, ref_p, _, ref_count, ref_top = slow_ngram(toks, 2, 7, 2)
+    assert np.array_equal(count.numpy(), ref_count) and np.array_equal(top.numpy(), ref_top)
     assert np.array_equal(order.to(torch.int64).numpy(), ref_order)
     np.testing.assert_allclose(p_ng.numpy()[ref_order > 0], ref_p[ref_order > 0], atol=1e-12)
 
@@ -472,15 +478,15 @@ def test_brute_force_distribution_is_normalized_and_matches(vocab, min_count):
         toks[1000:1400] = toks[200:600]
     tokens = torch.from_numpy(toks)
     args = ngram_args(min_count=min_count)
-    order, p_ng = train_gpt.ngram_tables(tokens, vocab, 2, 7, min_count)
+    order, p_ng, count, _ = train_gpt.ngram_tables(tokens, vocab, 2, 7, min_count)
     matched = torch.nonzero(order > 0).flatten().tolist()
     picks = set(rng.choice(np.arange(1, len(toks)), 40, replace=False).tolist())
     picks |= set(rng.choice(matched, 40, replace=False).tolist())
-    _, _, ref_dists = slow_ngram(toks.tolist(), 2, 7, min_count, keep_dists_at=picks)
+    ref_dists = slow_ngram(toks.tolist(), 2, 7, min_count, keep_dists_at=picks)[2]
     n_matched, g = 0, torch.Generator().manual_seed(vocab)
     for t in sorted(picks):
-        dist, o = train_gpt.brute_force_ngram(tokens, t, vocab, args)
-        assert o == int(order[t]), t
+        dist, o, c = train_gpt.brute_force_ngram(tokens, t, vocab, args)
+        assert o == int(order[t]) and c == int(count[t]), t
         if o == 0:
             assert dist is None and t not in ref_dists
             continue
@@ -498,7 +504,7 @@ def test_brute_force_distribution_is_normalized_and_matches(vocab, min_count):
         ent = -(p_model * p_model.log()).sum()
         alpha = train_gpt.ngram_alpha(ent, args)
         assert float(alpha) == pytest.approx(float(my_alpha(float(ent))), abs=1e-12)
-        p_mix = train_gpt.mix(p_model, dist, torch.tensor(True), alpha)
+        p_mix = (1 - alpha) * p_model + alpha * dist
         assert abs(float(p_mix.sum()) - 1.0) < 1e-12 and bool((p_mix >= 0).all())
         np.testing.assert_allclose(p_mix.numpy(), (1 - float(alpha)) * p_model.numpy() + float(alpha) * want, atol=1e-12)
     assert n_matched >= 20
@@ -517,7 +523,7 @@ def audit_case():
     toks = rng.integers(0, vocab, 1500)
     tokens = torch.from_numpy(toks)
     args = ngram_args()
-    order, p_ng = train_gpt.ngram_tables(tokens, vocab, 2, 7, 2)
+    order, p_ng, _, _ = train_gpt.ngram_tables(tokens, vocab, 2, 7, 2)
     positions = train_gpt.audit_positions(order, 40, 0)
     assert len(positions) >= 30 and sum(int(order[t]) > 0 for t in positions) >= 20
     assert all(1 <= t < len(toks) for t in positions)
@@ -542,16 +548,12 @@ def test_audit_detects_unnormalized_distributions(audit_case):
     tokens, vocab, args, records, rows = audit_case
 
     def raw_counts(tok, t, v, a):
-        dist, o = train_gpt.brute_force_ngram(tok, t, v, a)
-        if dist is None:
-            return None, 0
-        k = o - 1
-        match = (tok[:t - 1].unfold(0, k, 1) == tok[t - k:t]).all(dim=1)
-        return torch.bincount(tok[k:t][match], minlength=v).double(), o
+        dist, o, c = train_gpt.brute_force_ngram(tok, t, v, a)
+        return (None if dist is None else dist * c), o, c
 
     def inflated(tok, t, v, a):
-        dist, o = train_gpt.brute_force_ngram(tok, t, v, a)
-        return (None if dist is None else dist * 1.01), o
+        dist, o, c = train_gpt.brute_force_ngram(tok, t, v, a)
+        return (None if dist is None else dist * 1.01), o, c
 
     for fn in (raw_counts, inflated):
         rep = train_gpt.audit_ngram(records, rows, tokens, vocab, args, dist_fn=fn)
@@ -564,8 +566,8 @@ def test_audit_detects_wrong_order_and_wrong_fast_value(audit_case):
     tokens, vocab, args, records, rows = audit_case
 
     def wrong_order(tok, t, v, a):
-        dist, o = train_gpt.brute_force_ngram(tok, t, v, a)
-        return dist, (o + 1 if dist is not None else 0)
+        dist, o, c = train_gpt.brute_force_ngram(tok, t, v, a)
+        return dist, (o + 1 if dist is not None else 0), c
 
     rep = train_gpt.audit_ngram(records, rows, tokens, vocab, args, dist_fn=wrong_order)
     assert rep["order_mismatch"] > 0 and rep["max_sum_err"] <= 1e-6
@@ -615,17 +617,23 @@ def test_changing_later_tokens_leaves_earlier_scores_unchanged(eval_setup, luts,
     changed[cut + 1] = (val[cut + 1] + 1) % 512
     if cut >= 300:  # let the future repeat the past, so n-gram contexts match after the cut as well
         changed[cut + 201:cut + 401] = val[cut - 300:cut - 100][:len(changed[cut + 201:cut + 401])]
-    dumps = []
+    dumps, mixers = [], []
+    args = tiny_args(EVAL_BATCH_SEQS=5, NGRAM_MIX_FIRST=32, NGRAM_MIX_CHUNK=128)  # refits before and after the cut
     for stream in (val, changed):
         tables = train_gpt.ngram_tables(stream, 512, 2, 7, 2)  # on the whole stream, as the script does
-        per_rank = run_eval(model, stream, luts, tiny_args(EVAL_BATCH_SEQS=5), 2, 64, 16, ngram=tables)
-        dumps.append(merged_dump(per_rank))
+        res = run_eval(model, stream, luts, args, 2, 64, 16, ngram=tables)
+        dumps.append(dump_of(res, stream, tables))
+        mixers.append(res["mixer"])
     a, b = dumps
     before = a["pos"] <= cut
     assert before.sum() == cut
-    for key in ("nll_model", "nll_mixed", "entropy"):
+    for key in ("nll_model", "nll_mixed", "entropy", "top_p", "alpha", "p_ng"):
         np.testing.assert_allclose(a[key][before], b[key][before], rtol=0, atol=1e-6, err_msg=key)
-    assert np.array_equal(a["order"][before], b["order"][before])
+    for key in ("order", "count", "top"):
+        assert np.array_equal(a[key][before], b[key][before])
+    for t in range(1, cut + 1, 7):  # the learned weights in force at t: fitted before t, so the same
+        assert torch.equal(mixers[0].weights_at(t), mixers[1].weights_at(t))
+    assert not torch.equal(mixers[0].weights[-1], mixers[1].weights[-1])
     after = ~before
     assert (np.abs(a["nll_model"][after] - b["nll_model"][after]) > 1e-4).mean() > 0.5
     assert (np.abs(a["nll_mixed"][after] - b["nll_mixed"][after]) > 1e-4).mean() > 0.5
@@ -635,7 +643,7 @@ def test_changing_later_tokens_leaves_earlier_scores_unchanged(eval_setup, luts,
 # 8. The per-token dump of the trained run
 
 
-DUMP_KEYS = ("pos", "target", "nll_model", "entropy", "order", "p_ng", "alpha", "nll_mixed")
+DUMP_KEYS = ("pos", "target", "nll_model", "entropy", "top_p", "order", "count", "top", "p_ng", "alpha", "nll_mixed")
 
 
 def test_dump_is_consistent(trained_run, corpus):
@@ -656,12 +664,19 @@ def test_dump_is_consistent(trained_run, corpus):
     assert np.isfinite(d["nll_model"]).all() and np.isfinite(d["nll_mixed"]).all()
     assert ((d["p_ng"][yes] >= 0) & (d["p_ng"][yes] <= 1)).all()
     # the n-gram columns are the slow reference's, on the real validation stream
-    ref_order, ref_p, _ = slow_ngram(val.tolist(), 2, 7, 2)
+    ref_order, ref_p, _, ref_count, ref_top = slow_ngram(val.tolist(), 2, 7, 2)
     assert np.array_equal(d["order"], ref_order[1:])
     np.testing.assert_allclose(d["p_ng"][yes], ref_p[1:][yes], rtol=0, atol=1e-12)
-    # alpha from the entropy with the default knobs, and the mixture from its parts
-    np.testing.assert_allclose(d["alpha"][yes], my_alpha(d["entropy"][yes]), rtol=0, atol=1e-9)
+    assert np.array_equal(d["count"], ref_count[1:]) and np.array_equal(d["top"], ref_top[1:])
+    # the learned mixer (the default) starts at the fixed entropy alpha, then leaves it
+    first = yes & (d["pos"] < 1 + 256)  # NGRAM_MIX_FIRST in the tiny config
+    assert first.sum() > 50
+    np.testing.assert_allclose(d["alpha"][first], my_alpha(d["entropy"][first]), rtol=0, atol=1e-12)
+    later = yes & (d["pos"] >= 1 + 256)
+    assert np.abs(d["alpha"][later] - my_alpha(d["entropy"][later])).max() > 0.05
+    assert ((d["alpha"][yes] > 0) & (d["alpha"][yes] < 1)).all()
     assert (d["entropy"] >= -1e-6).all() and (d["entropy"] <= math.log(512) + 1e-5).all()
+    assert ((d["top_p"] > 0) & (d["top_p"] <= 1)).all() and (d["top_p"] >= np.exp(-d["nll_model"]) - 1e-12).all()
     a = d["alpha"][yes]
     want = -np.log((1 - a) * np.exp(-d["nll_model"][yes]) + a * d["p_ng"][yes])
     np.testing.assert_allclose(d["nll_mixed"][yes], want, rtol=0, atol=1e-9)
@@ -762,10 +777,10 @@ def test_budget_too_small_reports_no_score(eval_only_runs):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("phase", ["ngram_tables", "audit_ngram"])
+@pytest.mark.parametrize("phase", ["ngram_tables", "ngram_mixture", "audit_ngram"])
 def test_deadline_covers_the_precompute_and_the_audit(trained_run, corpus, luts, monkeypatch, phase):
-    """The eval clock runs through the n-gram precompute and the audit too: a run that passes its
-    budget in either prints INCOMPLETE for every score not finished inside it, and reports none."""
+    """The eval clock runs through the n-gram precompute, the mixing and the audit too: a run that
+    passes its budget in any of them prints INCOMPLETE for the n-gram score, and reports none."""
     val = torch.from_numpy(val_tokens(corpus))
     env = dict(EVAL_ONLY=1, ARTIFACT_PATH=str(trained_run["artifact"]))
     t0 = time.perf_counter()
@@ -786,8 +801,7 @@ def test_deadline_covers_the_precompute_and_the_audit(trained_run, corpus, luts,
     text = "\n".join(lines)
     assert re.search(r"^final_ngram INCOMPLETE ", text, re.M) and "final_ngram val_loss" not in text
     assert re.search(r"^final_roundtrip val_loss:", text, re.M)  # finished well inside the budget
-    sliding_done = re.search(r"^final_sliding val_loss:", text, re.M) is not None
-    assert sliding_done == (phase == "audit_ngram"), text  # a late precompute leaves the pass no time
+    assert re.search(r"^final_sliding val_loss:", text, re.M)  # the pass ends before the n-gram work starts
     assert re.search(r"^eval INCOMPLETE: ", text, re.M)
 
 
@@ -805,3 +819,124 @@ def test_ngram_off_reports_sliding_only(eval_only_runs, trained_run):
     assert (d["order"] == 0).all() and np.isnan(d["p_ng"]).all() and np.isnan(d["alpha"]).all()
     assert np.array_equal(d["nll_mixed"], d["nll_model"])
     assert d["nll_model"].mean() == pytest.approx(got["sliding"]["val_loss"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. The learned mixer: causal, no worse than the model where the n-gram is useless, better than the
+# fixed alpha where the n-gram knows something the model does not
+
+
+def mixer_stream(n: int, seed: int, informative: bool):
+    """Made-up matched positions: features as the tables and the pass give them, and the two
+    probabilities of the target. Informative: where one continuation dominated its context (top/count
+    near 1), the n-gram is right with that probability and the model is unsure; otherwise the n-gram's
+    target probability is unrelated to anything and mostly 0."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randint(2, 8, (n,), generator=g, dtype=torch.int8)
+    count = torch.randint(2, 60, (n,), generator=g)
+    top = torch.minimum(count, (torch.rand(n, generator=g, dtype=torch.float64) * count).long() + 1)
+    entropy = torch.rand(n, generator=g, dtype=torch.float64) * 6
+    p_model = torch.rand(n, generator=g, dtype=torch.float64) * 0.5 + 0.01
+    top_p = torch.maximum(p_model, torch.rand(n, generator=g, dtype=torch.float64))
+    share = top.double() / count
+    if informative:
+        hit = torch.rand(n, generator=g, dtype=torch.float64) < share
+        p_ng = torch.where(hit, share, (1 - share) / 4)
+    else:
+        p_ng = torch.where(torch.rand(n, generator=g, dtype=torch.float64) < 0.05, share, 0.0)
+    pos = torch.arange(1, n + 1) * 2  # every other target matched
+    return (order, count, top, entropy, top_p), pos, p_model, p_ng
+
+
+def mixed_nll(alpha, p_model, p_ng):
+    return -torch.log((1 - alpha) * p_model + alpha * p_ng)
+
+
+def test_learned_weights_at_t_depend_only_on_earlier_positions():
+    """Everything at positions >= t changed (features and outcomes): the weights in force at t and every
+    alpha before t stay bitwise the same; at t itself, changing only the outcome (p_model(x_t), p_ng(x_t))
+    leaves alpha_t the same too. Each refit only sees positions before its chunk."""
+    args = tiny_args(NGRAM_MIX_FIRST=64, NGRAM_MIX_CHUNK=512)
+    feats, pos, p_model, p_ng = mixer_stream(6000, 0, informative=True)
+    ref = train_gpt.LearnedMixer(args, 10, pos.device)
+    alpha = ref.alphas(feats, pos, p_model, p_ng)
+    assert len(ref.weights) >= 10 and ref.bounds == sorted(ref.bounds)
+    g = torch.Generator().manual_seed(1)
+    for i in (0, 1, 63, 64, 700, 2500, 5999):
+        t = int(pos[i])
+        f2 = tuple(f.clone() for f in feats)
+        pm2, png2 = p_model.clone(), p_ng.clone()
+        pm2[i:] = torch.rand(len(pos) - i, generator=g, dtype=torch.float64) * 0.9 + 0.05
+        png2[i:] = 1 - png2[i:]
+        for f in f2[1:3]:
+            f[i + 1:] = f[i + 1:] * 3 + 1  # counts and tops after t; t's own features stay
+        f2[3][i + 1:] = 6 - f2[3][i + 1:]
+        other = train_gpt.LearnedMixer(args, 10, pos.device)
+        alpha2 = other.alphas(f2, pos, pm2, png2)
+        assert torch.equal(ref.weights_at(t), other.weights_at(t)), t
+        assert torch.equal(alpha[:i + 1], alpha2[:i + 1]), t
+        if i < len(pos) - 1 and t >= ref.bounds[2]:  # later chunks were fitted on changed data
+            assert not torch.equal(ref.weights[-1], other.weights[-1])
+    # the chunks: each refit's data ends where the chunk it serves begins
+    for j, b in enumerate(ref.bounds):
+        assert ref.weights_at(b) is ref.weights[j] and (j == 0 or ref.weights_at(b - 1) is ref.weights[j - 1])
+
+
+def test_learned_mixer_starts_at_the_fixed_alpha_and_knob_selects_fixed():
+    args = tiny_args(NGRAM_MIX_FIRST=100, NGRAM_MIX_CHUNK=400)
+    feats, pos, p_model, p_ng = mixer_stream(1000, 2, informative=True)
+    alpha = train_gpt.LearnedMixer(args, 10, pos.device).alphas(feats, pos, p_model, p_ng)
+    first = pos < 1 + 100
+    np.testing.assert_allclose(alpha[first].numpy(), my_alpha(feats[3][first].numpy()), rtol=0, atol=1e-12)
+    assert (alpha[~first] - torch.from_numpy(my_alpha(feats[3][~first].numpy()))).abs().max() > 0.05
+    # NGRAM_MIXER=fixed: the entropy alpha everywhere, through the real mixing stage
+    n = int(pos[-1]) + 1
+    order = torch.zeros(n, dtype=torch.int8)
+    tables = train_gpt.NgramTables(order.index_put((pos,), feats[0]), torch.zeros(n, dtype=torch.float64).index_put((pos,), p_ng),
+                                   torch.zeros(n, dtype=torch.int64).index_put((pos,), feats[1]),
+                                   torch.zeros(n, dtype=torch.int64).index_put((pos,), feats[2]))
+    cols = {"nll": torch.zeros(n, dtype=torch.float64).index_put((pos,), -p_model.log()),
+            "entropy": torch.zeros(n, dtype=torch.float64).index_put((pos,), feats[3]),
+            "top_p": torch.ones(n, dtype=torch.float64).index_put((pos,), feats[4])}
+    res = {"stream": cols, "tokens": n - 1, "bytes": 3 * n}
+    fixed = train_gpt.ngram_mixture(res, tables, tiny_args(NGRAM_MIXER="fixed"))
+    assert fixed["mixer"] is None
+    np.testing.assert_allclose(fixed["alpha"][pos].numpy(), my_alpha(feats[3].numpy()), rtol=0, atol=1e-12)
+    learned = train_gpt.ngram_mixture(res, tables, args)
+    np.testing.assert_allclose(learned["alpha"][pos].numpy(), alpha.numpy(), rtol=1e-9)  # p_model went through -log
+    assert torch.isnan(learned["alpha"][1::2]).all()
+    assert torch.equal(learned["nll_mixed"][1::2], cols["nll"][1::2])  # unmatched: the model, exactly
+    np.testing.assert_allclose(learned["nll_mixed"][pos].numpy(), mixed_nll(alpha, p_model, p_ng).numpy(), rtol=1e-12)
+
+
+def test_learned_mixer_falls_to_zero_where_the_ngram_is_useless():
+    """An n-gram whose target probability is mostly 0 and unrelated to every feature: the fixed alpha
+    pays for it; the learned weights drive alpha down within the first chunks, so the mixture costs
+    next to nothing against the model alone."""
+    args = tiny_args()  # the default chunk schedule (1024 doubling)
+    feats, pos, p_model, p_ng = mixer_stream(200_000, 3, informative=False)
+    alpha = train_gpt.LearnedMixer(args, 10, pos.device).alphas(feats, pos, p_model, p_ng)
+    base = -p_model.log()
+    learned_cost = float((mixed_nll(alpha, p_model, p_ng) - base).mean())
+    fixed_cost = float((mixed_nll(torch.from_numpy(my_alpha(feats[3].numpy())), p_model, p_ng) - base).mean())
+    assert fixed_cost > 0.1 and 0 <= learned_cost < 0.003, (fixed_cost, learned_cost)
+    assert float(alpha[-50_000:].mean()) < 0.02, float(alpha[-50_000:].mean())
+
+
+def test_learned_mixer_beats_the_fixed_alpha_where_the_ngram_pays():
+    args = tiny_args()
+    feats, pos, p_model, p_ng = mixer_stream(100_000, 4, informative=True)
+    mixer = train_gpt.LearnedMixer(args, 10, pos.device)
+    alpha = mixer.alphas(feats, pos, p_model, p_ng)
+    base = -p_model.log()
+    learned = float((mixed_nll(alpha, p_model, p_ng) - base).mean())
+    fixed = float((mixed_nll(torch.from_numpy(my_alpha(feats[3].numpy())), p_model, p_ng) - base).mean())
+    assert learned < fixed - 0.05 and learned < -0.05, (learned, fixed)
+    # the refit converges to a stationary point of its regularized loss (given steps enough)
+    seen = torch.arange(len(pos))[::-(-len(pos) // args.ngram_mix_chunk)]
+    phi, offset = train_gpt.mixer_inputs(*(f[seen] for f in feats), args)
+    long_fit = train_gpt.LearnedMixer(tiny_args(NGRAM_MIX_STEPS=40), 10, pos.device)
+    w = long_fit.fit(long_fit.weights[0], phi, offset, p_model[seen], p_ng[seen]).requires_grad_(True)
+    loss = train_gpt.mixture_nll(offset + phi @ w, p_model[seen], p_ng[seen]).mean() + 0.5 * args.ngram_mix_l2 * (w @ w)
+    loss.backward()
+    assert float(w.grad.abs().max()) < 1e-7

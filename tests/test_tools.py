@@ -26,7 +26,10 @@ def test_gpu_check_dry_run_completes(tmp_path):
     assert re.search(r"^ngram_audit positions:64 .*order_mismatch:0 tol:1e-06 sampled:64$", summary, re.M)
     assert re.search(r"^calibration tokens:2048 ms:\d+ train_total_ms:\d+$", summary, re.M)
     assert re.search(r"^export bytes_model:\d+ predicted:\d+ limit:\d+ passes:\d+ .* bits_per_weight ", summary, re.M)
-    assert re.search(r"^tokens:1000000 device:cpu seconds:\S+ ", out, re.M)
+    for orders in ("2-7", "2-16"):
+        assert re.search(rf"^tokens:1000000 device:cpu orders:{orders} precompute_s:\S+ ", out, re.M), orders
+        assert re.search(rf"^tokens:1000000 device:cpu orders:{orders} learned_mixer_s:\S+ refits:\d+ ", out, re.M), orders
+    assert re.search(r"^ngram_mix mixer:learned ms:\d+ order:", summary, re.M)
     assert re.search(r"^SKIPPED \[\d+\] tests/test_cuda.py: needs a CUDA GPU", out, re.M)
     assert re.search(r"^train_gpt rc:0 cuda_tests rc:0 total_s:\d+$", out, re.M)
     assert os.path.isfile(tmp_path / "check" / "final_model.ptz")

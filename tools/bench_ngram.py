@@ -1,6 +1,7 @@
-"""Benchmark of the exact n-gram precompute (train_gpt.ngram_tables): tokens/s and peak memory.
+"""Benchmark of the exact n-gram precompute (train_gpt.ngram_tables) and of the learned mixer
+(train_gpt.ngram_mixture, on made-up model scores): seconds, tokens/s and peak memory.
 
-    python tools/bench_ngram.py                      # 1M and 10M tokens on the CPU
+    python tools/bench_ngram.py                      # 1M and 10M tokens on the CPU, orders 2-7 and 2-16
     python tools/bench_ngram.py --tokens 62021846 --device cuda    # the full val split's size on a GPU
 
 The stream is drawn from a Zipf-like law over the vocabulary, with repeated spans copied from
@@ -40,24 +41,43 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-orders", type=int, nargs="+", default=[7, 16])
     a = ap.parse_args()
     device = torch.device(a.device)
     for n in a.tokens:
         tokens = torch.from_numpy(zipf_stream(n, a.vocab)).to(device)
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        order, _ = train_gpt.ngram_tables(tokens, a.vocab, 2, 7, 2)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
-        matched = float((order[1:] > 0).float().mean())
-        print(f"tokens:{n} device:{a.device} seconds:{seconds:.2f} tokens_per_s:{n / seconds:.0f} "
-              f"peak_mem_mib:{peak / 2**20:.0f} matched_frac:{matched:.3f}", flush=True)
+        for max_order in a.max_orders:
+            os.environ["NGRAM_MAX_ORDER"] = str(max_order)
+            args = train_gpt.Hyperparameters()
+            tables, seconds, peak = timed(device, lambda: train_gpt.ngram_tables(tokens, a.vocab, 2, max_order, 2))
+            matched = float((tables.order[1:] > 0).float().mean())
+            print(f"tokens:{n} device:{a.device} orders:2-{max_order} precompute_s:{seconds:.2f} "
+                  f"tokens_per_s:{n / seconds:.0f} peak_mem_mib:{peak / 2**20:.0f} matched_frac:{matched:.3f}", flush=True)
+            g = torch.Generator().manual_seed(0)
+            cols = {k: torch.rand(n, generator=g, dtype=torch.float64).to(device) * s for k, s in
+                    (("nll", 6.0), ("entropy", 6.0), ("top_p", 1.0))}
+            res = {"stream": cols, "tokens": n - 1, "bytes": 3 * n}
+            mixed, seconds, peak = timed(device, lambda: train_gpt.ngram_mixture(res, tables, args))
+            print(f"tokens:{n} device:{a.device} orders:2-{max_order} learned_mixer_s:{seconds:.2f} "
+                  f"refits:{len(mixed['mixer'].weights) - 1} peak_mem_mib:{peak / 2**20:.0f}", flush=True)
+            del tables, mixed
+
+
+def timed(device: torch.device, fn):
+    """fn's result, its seconds and its peak memory: the process's max RSS growth on the CPU (0 once an
+    earlier call went higher), torch's peak allocation on CUDA."""
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
+    return out, seconds, peak
 
 
 if __name__ == "__main__":

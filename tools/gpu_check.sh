@@ -3,8 +3,8 @@
 #   1. a corpus from what the machine already has (docstrings of its Python packages) -> sp1024 -> shards
 #   2. the full-size default model trained with the real schedule for GPU_CHECK_TRAIN_SECONDS (120),
 #      calibrated and exported by the budget fit, round-tripped, scored by sliding window + n-gram, audited
-#   3. the `cuda` tests, train_gpt.Muon against torch.optim.Muon, and the n-gram precompute at the
-#      full validation size (62,021,846 tokens)
+#   3. the `cuda` tests, train_gpt.Muon against torch.optim.Muon, and the n-gram precompute and learned
+#      mixer at the full validation size (62,021,846 tokens), orders 2-7 and 2-16
 #   4. a summary: ms/step (forward+backward, optimizer, rest), peak memory, compile time, eval times, bytes
 #
 #   bash tools/gpu_check.sh          # on the GPU machine; everything lands in runs/gpu_check/
@@ -59,7 +59,7 @@ stage "cuda tests"
 stage "Muon: train_gpt.Muon against torch.optim.Muon on the model's matrices (ms and ops per step)"
 env "${run_env[@]}" python3 "$root/tools/bench_step.py" --muon --steps 3
 
-stage "n-gram precompute, orders 2-7, on $ngram_tokens tokens"
+stage "n-gram precompute and learned mixer, orders 2-7 and 2-16, on $ngram_tokens tokens"
 python3 "$root/tools/bench_ngram.py" --tokens $ngram_tokens --device "$([ $dry = 1 ] && echo cpu || echo cuda)"
 
 stage "summary"
@@ -71,7 +71,7 @@ if steps:
     n, step, fb, opt, other = steps[-1]
     print(f"steps:{n} ms/step:{step} (forward+backward {fb}, optimizer {opt}, rest {other})")
 for pat in (r"^warmup_steps:.*", r"^stopping_early.*", r"^calibration .*", r"^peak_memory_mib:.*", r"^export .*",
-            r"^artifact .*", r"^final_\w+ .*", r"^ngram_audit .*", r"^eval_time .*"):
+            r"^artifact .*", r"^final_\w+ .*", r"^ngram_mix .*", r"^ngram_audit .*", r"^eval_time .*"):
     for line in re.findall(pat, text, re.M):
         print(line)
 EOF

@@ -919,8 +919,12 @@ def test_learned_mixer_falls_to_zero_where_the_ngram_is_useless():
     base = -p_model.log()
     learned_cost = float((mixed_nll(alpha, p_model, p_ng) - base).mean())
     fixed_cost = float((mixed_nll(torch.from_numpy(my_alpha(feats[3].numpy())), p_model, p_ng) - base).mean())
-    assert fixed_cost > 0.1 and 0 <= learned_cost < 0.003, (fixed_cost, learned_cost)
-    assert float(alpha[-50_000:].mean()) < 0.02, float(alpha[-50_000:].mean())
+    # 0.0005 nats a matched target is ~0.0003 bpb at FineWeb's ~2.4 bytes a token; most of it is the first
+    # chunk, mixed at the fixed alpha before anything was learned
+    assert fixed_cost > 0.1 and 0 <= learned_cost < 0.0005, (fixed_cost, learned_cost)
+    late = slice(-50_000, None)
+    assert float((mixed_nll(alpha[late], p_model[late], p_ng[late]) - base[late]).mean()) < 0.0002
+    assert float(alpha[late].mean()) < 0.002, float(alpha[late].mean())
 
 
 def test_learned_mixer_beats_the_fixed_alpha_where_the_ngram_pays():

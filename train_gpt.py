@@ -1297,12 +1297,16 @@ def mixture_nll(z: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
 
 
 class LearnedMixer:
-    """alpha_t = sigmoid(offset_t + w . phi_t), with w refitted at chunk boundaries on the matched
+    """alpha_t = trust_t * sigmoid(offset_t + w . phi_t). w is refitted at chunk boundaries on the matched
     positions already scored (score first): chunk j uses weights fitted on positions before it only.
-    Chunks grow from NGRAM_MIX_FIRST targets, doubling up to NGRAM_MIX_CHUNK, so bad starting weights
-    cost little; each refit takes NGRAM_MIX_STEPS damped Newton steps from the previous weights on up
-    to NGRAM_MIX_CHUNK earlier positions (an even stride over all of them), with an L2 pull to zero
-    (the fixed mixer). Deterministic and run identically on every rank over the whole stream."""
+    Chunks grow from NGRAM_MIX_FIRST targets, doubling up to NGRAM_MIX_CHUNK; each refit takes
+    NGRAM_MIX_STEPS damped Newton steps from the previous weights on up to NGRAM_MIX_CHUNK earlier
+    positions (an even stride over all of them), with an L2 pull to zero (the fixed mixer).
+    trust_t is the posterior, given the targets before t, that the learned mixture rather than the model
+    alone is the better predictor (prior 1/2): sigmoid of the summed log-likelihood ratio so far. The
+    result is the Bayesian average of the two, whose log loss over the stream is within log 2 nats (one
+    bit, in all) of the better one's: the mixture can never cost more than one bit against the model.
+    Deterministic and run identically on every rank over the whole stream."""
 
     def __init__(self, args: Hyperparameters, n_features: int, device):
         self.args, self.bounds = args, [1]
@@ -1310,6 +1314,9 @@ class LearnedMixer:
 
     def weights_at(self, t: int) -> Tensor:
         return self.weights[bisect.bisect_right(self.bounds, t) - 1]
+
+    def trust_at(self, t: int) -> Tensor:
+        return torch.sigmoid(self.evidence[int(torch.searchsorted(self.pos, t))])
 
     def fit(self, w: Tensor, phi: Tensor, offset: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
         lam = self.args.ngram_mix_l2
@@ -1348,7 +1355,9 @@ class LearnedMixer:
                 self.weights.append(self.fit(self.weights[-1], phi, offset, p_model[seen], p_ng[seen]))
                 self.bounds.append(end)
             start, size = end, min(2 * size, args.ngram_mix_chunk)
-        return out
+        gain = torch.log1p(out * (p_ng / p_model - 1))  # log p_mixed - log p_model, the learned mixture's edge
+        self.pos, self.evidence = pos, torch.cumsum(gain, 0) - gain  # summed over the targets before each
+        return out * torch.sigmoid(self.evidence)
 
 
 def window_batch(ends: Tensor, prev_ends: Tensor, seq_len: int, batch: int) -> tuple[Tensor, Tensor]:
@@ -1467,10 +1476,11 @@ def ngram_mixture(res: dict, tables: NgramTables, args: Hyperparameters) -> dict
         alpha = ngram_alpha(feats[3], args)
     nll_mixed = cols["nll"].clone()
     nll_mixed[pos] = -torch.log((1 - alpha) * p_model + alpha * p_ng)
-    alpha_all = torch.full_like(nll_mixed, math.nan).index_put_((pos,), alpha)
+    nan = torch.full_like(nll_mixed, math.nan)
     loss = float(nll_mixed.sum().item())
     return dict(res, loss_mixed=loss / max(res["tokens"], 1), bpb_mixed=loss / math.log(2) / max(res["bytes"], 1),
-                nll_mixed=nll_mixed, alpha=alpha_all, mixer=mixer, mix_ms=1000 * (time.perf_counter() - t0))
+                nll_mixed=nll_mixed, alpha=nan.index_put((pos,), alpha), mixer=mixer, mix_ms=1000 * (time.perf_counter() - t0),
+                trust=nan.index_put((pos,), torch.sigmoid(mixer.evidence)) if mixer else nan)
 
 
 def final_line(kind: str, res: dict, which: str = "model") -> str:
@@ -1553,7 +1563,7 @@ def audit_ngram(records: list, logp_rows: Tensor, tokens: Tensor, vocab: int, ar
             if mixer is not None:
                 feats = (torch.tensor(order, device=logp.device), c, torch.round(dist_ng.max() * c), entropy, p_model.max())
                 phi, offset = mixer_inputs(*(v.reshape(1) for v in feats), args)
-                alpha = torch.sigmoid(offset + phi @ mixer.weights_at(t))[0]
+                alpha = mixer.trust_at(t) * torch.sigmoid(offset + phi @ mixer.weights_at(t))[0]
             p_mix = (1 - alpha) * p_model + alpha * dist_ng
         sum_err = max(sum_err, abs(float(p_mix.sum()) - 1.0))
         target_err = max(target_err, abs(float(p_mix[tokens[t]]) - p_fast))
@@ -1578,14 +1588,16 @@ def run_audit(model: GPT, val: Tensor, mixed: dict, tables: NgramTables, picks: 
 
 def write_dump(path: str, val: Tensor, res: dict, tables: NgramTables | None) -> None:
     """Per target t = 1..N-1: the model's nll, entropy and top probability; the n-gram's order, c(ctx),
-    max_v c(ctx, v) and p_ng(x_t); alpha and the mixed nll (NaN / the model's nll where unmatched)."""
+    max_v c(ctx, v) and p_ng(x_t); alpha, the learned mixer's trust and the mixed nll (NaN / the model's
+    nll where unmatched)."""
     cols, n = res["stream"], len(val)
     if tables is None:
         tables = NgramTables(*(torch.zeros(n, dtype=d, device=val.device) for d in (torch.int8, torch.float64, torch.int64, torch.int64)))
     out = {"pos": torch.arange(n), "target": val, "nll_model": cols["nll"], "entropy": cols["entropy"],
            "top_p": cols["top_p"], "order": tables.order.long(), "count": tables.count, "top": tables.top,
            "p_ng": torch.where(tables.order > 0, tables.p, math.nan),
-           "alpha": res.get("alpha", torch.full_like(cols["nll"], math.nan)), "nll_mixed": res.get("nll_mixed", cols["nll"])}
+           "alpha": res.get("alpha", torch.full_like(cols["nll"], math.nan)), "nll_mixed": res.get("nll_mixed", cols["nll"]),
+           "trust": res.get("trust", torch.full_like(cols["nll"], math.nan))}
     np.savez(path, **{k: v[1:].cpu().numpy() for k, v in out.items()})
 
 
@@ -1634,7 +1646,8 @@ def log_mixer(mixed: dict, tables: NgramTables, log: Logger) -> None:
         m = tables.order == o
         parts.append(f"{o}:{int(m.sum())}/{float(alpha[m].mean()):.3f}/{float((nll[m] - nll_mixed[m]).sum()) / math.log(2) / mixed['bytes']:+.5f}")
     mixer = mixed["mixer"]
-    learned = f"refits:{len(mixer.weights) - 1} weights:" + ",".join(f"{v:.3g}" for v in mixer.weights[-1].tolist()) if mixer else ""
+    learned = (f"refits:{len(mixer.weights) - 1} final_trust:{float(torch.sigmoid(mixer.evidence[-1:]).sum()):.4f} weights:"
+               + ",".join(f"{v:.3g}" for v in mixer.weights[-1].tolist()) if mixer else "")
     log(f"ngram_mix mixer:{'learned' if mixer else 'fixed'} ms:{mixed['mix_ms']:.0f} "
         f"order:targets/mean_alpha/bpb_gain {' '.join(parts)} {learned}".rstrip())
 

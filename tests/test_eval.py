@@ -643,7 +643,8 @@ def test_changing_later_tokens_leaves_earlier_scores_unchanged(eval_setup, luts,
 # 8. The per-token dump of the trained run
 
 
-DUMP_KEYS = ("pos", "target", "nll_model", "entropy", "top_p", "order", "count", "top", "p_ng", "alpha", "nll_mixed")
+DUMP_KEYS = ("pos", "target", "nll_model", "entropy", "top_p", "order", "count", "top", "p_ng", "alpha", "trust",
+             "nll_mixed")
 
 
 def test_dump_is_consistent(trained_run, corpus):
@@ -668,10 +669,11 @@ def test_dump_is_consistent(trained_run, corpus):
     assert np.array_equal(d["order"], ref_order[1:])
     np.testing.assert_allclose(d["p_ng"][yes], ref_p[1:][yes], rtol=0, atol=1e-12)
     assert np.array_equal(d["count"], ref_count[1:]) and np.array_equal(d["top"], ref_top[1:])
-    # the learned mixer (the default) starts at the fixed entropy alpha, then leaves it
+    # the learned mixer (the default) starts at the fixed entropy alpha (times the trust), then leaves it
     first = yes & (d["pos"] < 1 + 256)  # NGRAM_MIX_FIRST in the tiny config
-    assert first.sum() > 50
-    np.testing.assert_allclose(d["alpha"][first], my_alpha(d["entropy"][first]), rtol=0, atol=1e-12)
+    assert first.sum() > 50 and np.isnan(d["trust"][no]).all() and (d["trust"][yes] > 0).all()
+    assert d["trust"][yes][0] == 0.5 and d["trust"][yes][-1] > 0.99  # the mixture pays on this text
+    np.testing.assert_allclose(d["alpha"][first] / d["trust"][first], my_alpha(d["entropy"][first]), rtol=1e-12)
     later = yes & (d["pos"] >= 1 + 256)
     assert np.abs(d["alpha"][later] - my_alpha(d["entropy"][later])).max() > 0.05
     assert ((d["alpha"][yes] > 0) & (d["alpha"][yes] < 1)).all()
@@ -853,9 +855,9 @@ def mixed_nll(alpha, p_model, p_ng):
 
 
 def test_learned_weights_at_t_depend_only_on_earlier_positions():
-    """Everything at positions >= t changed (features and outcomes): the weights in force at t and every
-    alpha before t stay bitwise the same; at t itself, changing only the outcome (p_model(x_t), p_ng(x_t))
-    leaves alpha_t the same too. Each refit only sees positions before its chunk."""
+    """Everything at positions >= t changed (features and outcomes): the weights and the trust in force
+    at t and every alpha before t stay bitwise the same; at t itself, changing only the outcome
+    (p_model(x_t), p_ng(x_t)) leaves alpha_t the same too. Each refit only sees positions before its chunk."""
     args = tiny_args(NGRAM_MIX_FIRST=64, NGRAM_MIX_CHUNK=512)
     feats, pos, p_model, p_ng = mixer_stream(6000, 0, informative=True)
     ref = train_gpt.LearnedMixer(args, 10, pos.device)
@@ -874,6 +876,7 @@ def test_learned_weights_at_t_depend_only_on_earlier_positions():
         other = train_gpt.LearnedMixer(args, 10, pos.device)
         alpha2 = other.alphas(f2, pos, pm2, png2)
         assert torch.equal(ref.weights_at(t), other.weights_at(t)), t
+        assert torch.equal(ref.evidence[:i + 1], other.evidence[:i + 1]) and torch.equal(ref.trust_at(t), other.trust_at(t)), t
         assert torch.equal(alpha[:i + 1], alpha2[:i + 1]), t
         if i < len(pos) - 1 and t >= ref.bounds[2]:  # later chunks were fitted on changed data
             assert not torch.equal(ref.weights[-1], other.weights[-1])
@@ -885,9 +888,12 @@ def test_learned_weights_at_t_depend_only_on_earlier_positions():
 def test_learned_mixer_starts_at_the_fixed_alpha_and_knob_selects_fixed():
     args = tiny_args(NGRAM_MIX_FIRST=100, NGRAM_MIX_CHUNK=400)
     feats, pos, p_model, p_ng = mixer_stream(1000, 2, informative=True)
-    alpha = train_gpt.LearnedMixer(args, 10, pos.device).alphas(feats, pos, p_model, p_ng)
-    first = pos < 1 + 100
-    np.testing.assert_allclose(alpha[first].numpy(), my_alpha(feats[3][first].numpy()), rtol=0, atol=1e-12)
+    mixer = train_gpt.LearnedMixer(args, 10, pos.device)
+    alpha = mixer.alphas(feats, pos, p_model, p_ng)
+    trust = torch.sigmoid(mixer.evidence)
+    assert float(trust[0]) == 0.5 and float(trust[-1]) > 0.99  # prior 1/2; this n-gram pays, so trust grows
+    first = pos < 1 + 100  # before the first refit: the fixed alpha, times the trust
+    np.testing.assert_allclose((alpha / trust)[first].numpy(), my_alpha(feats[3][first].numpy()), rtol=1e-12)
     assert (alpha[~first] - torch.from_numpy(my_alpha(feats[3][~first].numpy()))).abs().max() > 0.05
     # NGRAM_MIXER=fixed: the entropy alpha everywhere, through the real mixing stage
     n = int(pos[-1]) + 1
@@ -919,9 +925,9 @@ def test_learned_mixer_falls_to_zero_where_the_ngram_is_useless():
     base = -p_model.log()
     learned_cost = float((mixed_nll(alpha, p_model, p_ng) - base).mean())
     fixed_cost = float((mixed_nll(torch.from_numpy(my_alpha(feats[3].numpy())), p_model, p_ng) - base).mean())
-    # 0.0005 nats a matched target is ~0.0003 bpb at FineWeb's ~2.4 bytes a token; most of it is the first
-    # chunk, mixed at the fixed alpha before anything was learned
     assert fixed_cost > 0.1 and 0 <= learned_cost < 0.0005, (fixed_cost, learned_cost)
+    for n in (300, 3000, 30_000, 200_000):  # the trust's bound: never more than log 2 nats over any prefix
+        assert float((mixed_nll(alpha[:n], p_model[:n], p_ng[:n]) - base[:n]).sum()) <= math.log(2) + 1e-9, n
     late = slice(-50_000, None)
     assert float((mixed_nll(alpha[late], p_model[late], p_ng[late]) - base[late]).mean()) < 0.0002
     assert float(alpha[late].mean()) < 0.002, float(alpha[late].mean())

@@ -60,7 +60,7 @@ def main() -> None:
             mixed, seconds, peak = timed(device, lambda: train_gpt.ngram_mixture(res, tables, args))
             print(f"tokens:{n} device:{a.device} orders:2-{max_order} learned_mixer_s:{seconds:.2f} "
                   f"refits:{len(mixed['mixer'].weights) - 1} peak_mem_mib:{peak / 2**20:.0f}", flush=True)
-            del tables, mixed
+            tables = mixed = None  # free them before the next order
 
 
 def timed(device: torch.device, fn):

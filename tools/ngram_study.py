@@ -4,7 +4,7 @@
     EVAL_SEQ_LEN=512 EVAL_STRIDE=256 DEVICE=cpu python tools/ngram_study.py --max-orders 7 16
 
 The environment configures the eval exactly as it configures train_gpt.py. The sliding pass runs once
-(train_gpt.evaluate); the n-gram tables and the mixture (train_gpt.ngram_tables, ngram_mixture) are
+(train_gpt.evaluate; with --cache, its per-target scores are kept for the next run of the same setup); the n-gram tables and the mixture (train_gpt.ngram_tables, ngram_mixture) are
 then computed for each mixer (fixed entropy alpha, learned) and each NGRAM_MAX_ORDER, as an EVAL_ONLY
 run of train_gpt.py with those settings would compute them after the same pass. One line per
 setting: final_ngram's bpb, its gain over final_sliding (negative: the mixture costs), the mean alpha
@@ -28,15 +28,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-orders", type=int, nargs="+", default=[7, 16])
     ap.add_argument("--mixers", nargs="+", default=["fixed", "learned"])
+    ap.add_argument("--cache", help="a file for the pass's per-target scores: written once, read on later runs")
     a = ap.parse_args()
     args = T.Hyperparameters()
     rt = T.Runtime(args.device)
     sp = T.load_tokenizer(args.tokenizer_path, args.vocab_size)
     val = T.load_validation(args, rt)
     luts = tuple(torch.from_numpy(x).to(rt.device) for x in T.byte_luts(sp))
-    model = T.load_artifact_model(args, rt)
-    res = T.evaluate(model, val, luts, args, rt, print, label="sliding", seq_len=args.eval_seq_len,
-                     stride=args.eval_stride, deadline=T.Deadline(0))
+    if a.cache and os.path.exists(a.cache):
+        res = torch.load(a.cache, map_location=rt.device)
+    else:
+        res = T.evaluate(T.load_artifact_model(args, rt), val, luts, args, rt, print, label="sliding",
+                         seq_len=args.eval_seq_len, stride=args.eval_stride, deadline=T.Deadline(0))
+        if a.cache:
+            torch.save(res, a.cache)
     print(T.final_line("sliding", res), flush=True)
     for max_order in a.max_orders:
         t0 = time.perf_counter()

@@ -1227,12 +1227,6 @@ def group_sort(keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return perm, starts, idx - torch.cummax(torch.where(starts, idx, 0), dim=0).values
 
 
-def prefix_counts(keys: Tensor) -> Tensor:
-    """For each i: the number of j < i with keys[j] == keys[i]. O(N log N)."""
-    perm, _, rank = group_sort(keys)
-    return torch.empty_like(rank).scatter_(0, perm, rank)
-
-
 class NgramTables(NamedTuple):
     order: Tensor  # backoff order used at t (0: no context seen NGRAM_MIN_COUNT times)
     p: Tensor      # p_ng(x_t) = c(ctx, x_t) / c(ctx)

@@ -455,10 +455,13 @@ def test_ngram_tables_distinct_contexts_never_share_counts():
     np.testing.assert_allclose(p_ng.numpy()[ref_order > 0], ref_p[ref_order > 0], atol=1e-12)
 
 
-def test_prefix_counts_against_loop():
+def test_group_sort_ranks_are_prefix_counts():
+    """Each entry's rank within its run of equal keys, put back in stream order, counts the earlier equal keys."""
     rng = np.random.default_rng(3)
     keys = rng.integers(0, 20, 2000)
-    got = train_gpt.prefix_counts(torch.from_numpy(keys)).numpy()
+    perm, starts, rank = train_gpt.group_sort(torch.from_numpy(keys))
+    assert int(starts.sum()) == len(set(keys.tolist()))
+    got = torch.empty_like(rank).scatter_(0, perm, rank).numpy()
     seen, want = {}, []
     for k in keys.tolist():
         want.append(seen.get(k, 0))

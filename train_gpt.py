@@ -184,6 +184,9 @@ class Hyperparameters:
             bad(f"MLP_MULT={self.mlp_mult} is invalid: MLP_MULT*MODEL_DIM must be a whole number")
         if self.ngram_max_order < self.ngram_min_order:
             bad(f"NGRAM_MAX_ORDER={self.ngram_max_order} must be >= NGRAM_MIN_ORDER={self.ngram_min_order}")
+        if self.ngram_ent_base + self.ngram_ent_range > 1:
+            bad(f"NGRAM_ENT_BASE={self.ngram_ent_base} + NGRAM_ENT_RANGE={self.ngram_ent_range} must be <= 1: "
+                "alpha is a mixing weight")
         if self.ngram_mixer not in ("learned", "fixed"):
             bad(f"NGRAM_MIXER={self.ngram_mixer!r} is invalid: expected learned or fixed")
         if self.ngram_mix_chunk < self.ngram_mix_first:
@@ -1306,6 +1309,12 @@ class LearnedMixer:
         self.args, self.bounds = args, [1]
         self.weights = [torch.zeros(n_features, dtype=torch.float64, device=device)]
 
+    @staticmethod
+    def alpha(offset: Tensor, phi: Tensor, w: Tensor) -> Tensor:
+        """The learned weight before the trust, kept below 1 - 1e-6: the model's share never vanishes, so
+        no target gets probability 0 (and the trust's evidence stays finite)."""
+        return torch.sigmoid(offset + phi @ w).clamp(max=1 - 1e-6)
+
     def weights_at(self, t: int) -> Tensor:
         return self.weights[bisect.bisect_right(self.bounds, t) - 1]
 
@@ -1341,7 +1350,7 @@ class LearnedMixer:
             end = start + size
             lo, hi = (int(torch.searchsorted(pos, b)) for b in (start, end))
             phi, offset = mixer_inputs(*(f[lo:hi] for f in feats), args)
-            out[lo:hi] = torch.sigmoid(offset + phi @ self.weights[-1])
+            out[lo:hi] = self.alpha(offset, phi, self.weights[-1])
             if fitted < hi < len(pos):  # refit on everything scored so far, before the next chunk is mixed
                 fitted = hi
                 seen = torch.arange(0, hi, -(-hi // args.ngram_mix_chunk), device=pos.device)
@@ -1557,7 +1566,7 @@ def audit_ngram(records: list, logp_rows: Tensor, tokens: Tensor, vocab: int, ar
             if mixer is not None:
                 feats = (torch.tensor(order, device=logp.device), c, torch.round(dist_ng.max() * c), entropy, p_model.max())
                 phi, offset = mixer_inputs(*(v.reshape(1) for v in feats), args)
-                alpha = mixer.trust_at(t) * torch.sigmoid(offset + phi @ mixer.weights_at(t))[0]
+                alpha = mixer.trust_at(t) * mixer.alpha(offset, phi, mixer.weights_at(t))[0]
             p_mix = (1 - alpha) * p_model + alpha * dist_ng
         sum_err = max(sum_err, abs(float(p_mix.sum()) - 1.0))
         target_err = max(target_err, abs(float(p_mix[tokens[t]]) - p_fast))

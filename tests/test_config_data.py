@@ -105,6 +105,7 @@ CONFIG_CASES = {
     "mix_chunk_below_first": ({"NGRAM_MIX_FIRST": "4096", "NGRAM_MIX_CHUNK": "1024"},
                               ["NGRAM_MIX_CHUNK=1024", "NGRAM_MIX_FIRST=4096"]),
     "mix_l2_zero": ({"NGRAM_MIX_L2": "0"}, ["NGRAM_MIX_L2=0", "out of range"]),
+    "alpha_above_one": ({"NGRAM_ENT_BASE": "0.5", "NGRAM_ENT_RANGE": "0.6"}, ["NGRAM_ENT_BASE=0.5", "NGRAM_ENT_RANGE=0.6"]),
 }
 
 

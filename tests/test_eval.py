@@ -883,6 +883,10 @@ def test_learned_weights_at_t_depend_only_on_earlier_positions():
         assert torch.equal(alpha[:i + 1], alpha2[:i + 1]), t
         if i < len(pos) - 1 and t >= ref.bounds[2]:  # later chunks were fitted on changed data
             assert not torch.equal(ref.weights[-1], other.weights[-1])
+    # however large the weights, the model keeps a share: a target the n-gram never saw keeps p > 0
+    big = train_gpt.LearnedMixer.alpha(torch.tensor([40.0, -40.0], dtype=torch.float64),
+                                       torch.ones(2, 10, dtype=torch.float64), torch.full((10,), 50.0, dtype=torch.float64))
+    assert float(big.max()) == 1 - 1e-6 and bool((big > 0.99).all())
     # the chunks: each refit's data ends where the chunk it serves begins
     for j, b in enumerate(ref.bounds):
         assert ref.weights_at(b) is ref.weights[j] and (j == 0 or ref.weights_at(b - 1) is ref.weights[j - 1])

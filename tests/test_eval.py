@@ -358,6 +358,24 @@ def leak_patches(monkeypatch, kind):
             m, fn, x, torch.clamp(rows + 1, max=x.numel() - 1), rt))
 
 
+def test_audit_passes_with_long_orders(luts):
+    """Orders up to 16 through the whole eval: the tables, the learned mixer and the audit's brute force."""
+    torch.manual_seed(5)
+    val = torch.randint(0, 512, (900,), dtype=torch.int64)
+    val[350:600] = val[100:350]
+    val[600:850] = val[100:350]  # the third copy sees each 15-token context twice before
+    args = tiny_args(EVAL_BATCH_SEQS=6, NGRAM_MAX_ORDER=16, NGRAM_MIX_FIRST=64)
+    tables = train_gpt.ngram_tables(val, 512, 2, 16, 2)
+    assert int((tables.order == 16).sum()) > 200
+    model = random_model(4)
+    res = run_eval(model, val, luts, args, 2, 64, 16, ngram=tables)
+    picks = train_gpt.audit_positions(tables.order, 40, 0)
+    assert sum(int(tables.order[t]) == 16 for t in picks) >= 5
+    rep = train_gpt.run_audit(model, val, res, tables, picks, args, FakeRuntime(), train_gpt.Deadline(0))
+    assert rep["positions"] == len(picks) and rep["order_mismatch"] == 0
+    assert rep["max_sum_err"] <= 1e-6 and rep["max_target_err"] <= 1e-9
+
+
 @pytest.mark.parametrize("kind", [None, "non_causal_attention", "head_one_position_late"])
 def test_audit_fails_on_a_fast_path_that_sees_the_target(eval_setup, luts, monkeypatch, kind):
     model, val, tables = eval_setup

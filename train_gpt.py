@@ -1305,8 +1305,9 @@ class LearnedMixer:
     bit, in all) of the better one's: the mixture can never cost more than one bit against the model.
     Deterministic and run identically on every rank over the whole stream."""
 
-    def __init__(self, args: Hyperparameters, n_features: int, device):
+    def __init__(self, args: Hyperparameters, device):
         self.args, self.bounds = args, [1]
+        n_features = args.ngram_max_order - args.ngram_min_order + 5  # mixer_inputs: one-hot order + 4
         self.weights = [torch.zeros(n_features, dtype=torch.float64, device=device)]
 
     @staticmethod
@@ -1473,7 +1474,7 @@ def ngram_mixture(res: dict, tables: NgramTables, args: Hyperparameters) -> dict
         tables.order[pos], tables.count[pos], tables.top[pos], cols["entropy"][pos], cols["top_p"][pos])
     mixer = None
     if args.ngram_mixer == "learned":
-        mixer = LearnedMixer(args, args.ngram_max_order - args.ngram_min_order + 5, pos.device)
+        mixer = LearnedMixer(args, pos.device)
         alpha = mixer.alphas(feats, pos, p_model, p_ng)
     else:
         alpha = ngram_alpha(feats[3], args)
@@ -1614,13 +1615,14 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
     log(final_line("sliding", res, "model"))
     mixed, tables = None, None
     if args.ngram:
-        t0 = time.perf_counter()
-        tables = ngram_tables(val, args.vocab_size, args.ngram_min_order, args.ngram_max_order, args.ngram_min_count)
-        rt.sync()
-        timings["ngram_precompute_ms"] = 1000 * (time.perf_counter() - t0)
-        mixed = ngram_mixture(res, tables, args) if res["complete"] else dict(res)
-        mixed["eval_ms"] = res["eval_ms"] + 1000 * (time.perf_counter() - t0)
+        mixed = dict(res)  # an incomplete pass leaves nothing to mix: the n-gram score is INCOMPLETE too
         if res["complete"]:
+            t0 = time.perf_counter()
+            tables = ngram_tables(val, args.vocab_size, args.ngram_min_order, args.ngram_max_order, args.ngram_min_count)
+            rt.sync()
+            timings["ngram_precompute_ms"] = 1000 * (time.perf_counter() - t0)
+            mixed = ngram_mixture(res, tables, args)
+            mixed["eval_ms"] = res["eval_ms"] + 1000 * (time.perf_counter() - t0)
             timings["mix_ms"] = mixed["mix_ms"]
             log_mixer(mixed, tables, log)
             picks = audit_positions(tables.order, args.ngram_audit_positions, args.seed)

@@ -881,7 +881,7 @@ def test_learned_weights_at_t_depend_only_on_earlier_positions():
     (p_model(x_t), p_ng(x_t)) leaves alpha_t the same too. Each refit only sees positions before its chunk."""
     args = tiny_args(NGRAM_MIX_FIRST=64, NGRAM_MIX_CHUNK=512)
     feats, pos, p_model, p_ng = mixer_stream(6000, 0, informative=True)
-    ref = train_gpt.LearnedMixer(args, 10, pos.device)
+    ref = train_gpt.LearnedMixer(args, pos.device)
     alpha = ref.alphas(feats, pos, p_model, p_ng)
     assert len(ref.weights) >= 10 and ref.bounds == sorted(ref.bounds)
     g = torch.Generator().manual_seed(1)
@@ -894,7 +894,7 @@ def test_learned_weights_at_t_depend_only_on_earlier_positions():
         for f in f2[1:3]:
             f[i + 1:] = f[i + 1:] * 3 + 1  # counts and tops after t; t's own features stay
         f2[3][i + 1:] = 6 - f2[3][i + 1:]
-        other = train_gpt.LearnedMixer(args, 10, pos.device)
+        other = train_gpt.LearnedMixer(args, pos.device)
         alpha2 = other.alphas(f2, pos, pm2, png2)
         assert torch.equal(ref.weights_at(t), other.weights_at(t)), t
         assert torch.equal(ref.evidence[:i + 1], other.evidence[:i + 1]) and torch.equal(ref.trust_at(t), other.trust_at(t)), t
@@ -913,7 +913,7 @@ def test_learned_weights_at_t_depend_only_on_earlier_positions():
 def test_learned_mixer_starts_at_the_fixed_alpha_and_knob_selects_fixed():
     args = tiny_args(NGRAM_MIX_FIRST=100, NGRAM_MIX_CHUNK=400)
     feats, pos, p_model, p_ng = mixer_stream(1000, 2, informative=True)
-    mixer = train_gpt.LearnedMixer(args, 10, pos.device)
+    mixer = train_gpt.LearnedMixer(args, pos.device)
     alpha = mixer.alphas(feats, pos, p_model, p_ng)
     trust = torch.sigmoid(mixer.evidence)
     assert float(trust[0]) == 0.5 and float(trust[-1]) > 0.99  # prior 1/2; this n-gram pays, so trust grows
@@ -946,7 +946,7 @@ def test_learned_mixer_falls_to_zero_where_the_ngram_is_useless():
     next to nothing against the model alone."""
     args = tiny_args()  # the default chunk schedule (1024 doubling)
     feats, pos, p_model, p_ng = mixer_stream(200_000, 3, informative=False)
-    alpha = train_gpt.LearnedMixer(args, 10, pos.device).alphas(feats, pos, p_model, p_ng)
+    alpha = train_gpt.LearnedMixer(args, pos.device).alphas(feats, pos, p_model, p_ng)
     base = -p_model.log()
     learned_cost = float((mixed_nll(alpha, p_model, p_ng) - base).mean())
     fixed_cost = float((mixed_nll(torch.from_numpy(my_alpha(feats[3].numpy())), p_model, p_ng) - base).mean())
@@ -961,7 +961,7 @@ def test_learned_mixer_falls_to_zero_where_the_ngram_is_useless():
 def test_learned_mixer_beats_the_fixed_alpha_where_the_ngram_pays():
     args = tiny_args()
     feats, pos, p_model, p_ng = mixer_stream(100_000, 4, informative=True)
-    mixer = train_gpt.LearnedMixer(args, 10, pos.device)
+    mixer = train_gpt.LearnedMixer(args, pos.device)
     alpha = mixer.alphas(feats, pos, p_model, p_ng)
     base = -p_model.log()
     learned = float((mixed_nll(alpha, p_model, p_ng) - base).mean())
@@ -970,7 +970,7 @@ def test_learned_mixer_beats_the_fixed_alpha_where_the_ngram_pays():
     # the refit converges to a stationary point of its regularized loss (given steps enough)
     seen = torch.arange(len(pos))[::-(-len(pos) // args.ngram_mix_chunk)]
     phi, offset = train_gpt.mixer_inputs(*(f[seen] for f in feats), args)
-    long_fit = train_gpt.LearnedMixer(tiny_args(NGRAM_MIX_STEPS=40), 10, pos.device)
+    long_fit = train_gpt.LearnedMixer(tiny_args(NGRAM_MIX_STEPS=40), pos.device)
     w = long_fit.fit(long_fit.weights[0], phi, offset, p_model[seen], p_ng[seen]).requires_grad_(True)
     loss = train_gpt.mixture_nll(offset + phi @ w, p_model[seen], p_ng[seen]).mean() + 0.5 * args.ngram_mix_l2 * (w @ w)
     loss.backward()

@@ -628,10 +628,10 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
 NS_COEFFICIENTS, NS_STEPS = (3.4445, -4.7750, 2.0315), 5
 
 
-def newton_schulz(g: Tensor) -> Tensor:
-    """torch.optim.Muon's quintic Newton-Schulz orthogonalization in bf16, for a batch of matrices
+def newton_schulz(g: Tensor, dtype: torch.dtype) -> Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz orthogonalization in `dtype`, for a batch of matrices
     [n, rows, cols] at once: one batched product per term instead of one product per matrix."""
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = x.size(-2) > x.size(-1)
     x = x.mT if tall else x
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
@@ -650,7 +650,10 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, weight_decay: float, momentum: float):
         super().__init__(list(params), {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.ns = torch.compile(newton_schulz, dynamic=False) if self.param_groups[0]["params"][0].is_cuda else newton_schulz
+        cuda = self.param_groups[0]["params"][0].is_cuda
+        self.ns = torch.compile(newton_schulz, dynamic=False) if cuda else newton_schulz
+        # bf16 as torch.optim.Muon on a GPU; float32 on a CPU, where bf16 products are emulated (~60x slower)
+        self.ns_dtype = torch.bfloat16 if cuda else torch.float32
 
     @torch.no_grad()
     def step(self) -> None:
@@ -669,7 +672,7 @@ class Muon(torch.optim.Optimizer):
                 x = torch.zeros(per, *params[0].shape, device=params[0].device)  # this rank's slice, zero-padded
                 for j, i in enumerate(range(self.rank * per, min(len(params), (self.rank + 1) * per))):
                     x[j] = grads[i].lerp(bufs[i], mom)
-                x = self.ns(x)
+                x = self.ns(x, self.ns_dtype)
                 out = x if self.world == 1 else torch.empty(per * self.world, *x.shape[1:], dtype=x.dtype, device=x.device)
                 gathers.append((params, out, dist.all_gather(list(out.chunk(self.world)), x, async_op=True)
                                 if self.world > 1 else None))

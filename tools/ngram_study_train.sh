@@ -26,8 +26,9 @@ common=(DEVICE=cpu OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NGRAM=0 VOCAB_SIZE=1024 R
 # weak: ~0.46M parameters, 16 x 512 tokens a step, ~1.7 s a step
 weak=(NUM_LAYERS=2 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 XSA_LAST_N=1 BIGRAM_DIM=32
       TRAIN_BATCH_TOKENS=8192 MAX_WALLCLOCK_SECONDS=180)
-# strong: ~1.6M parameters, 10 x 512 tokens a step. Muon's bf16 Newton-Schulz is slow on a CPU and
-# grows steeply with the width (1.4-1.9 s a step at 6x160, 7.3 s at 4x256), so depth over width.
+# strong: ~1.6M parameters, 10 x 512 tokens a step. When these models were trained, Muon's Newton-Schulz ran
+# in bf16, emulated on that CPU, and grew steeply with the width (1.4-1.9 s a step at 6x160, 7.3 s at 4x256),
+# so depth over width (it runs in float32 on a CPU since issue 20).
 strong=(NUM_LAYERS=6 MODEL_DIM=160 NUM_HEADS=4 NUM_KV_HEADS=2 XSA_LAST_N=2 BIGRAM_DIM=48
         TRAIN_BATCH_TOKENS=5120 MAX_WALLCLOCK_SECONDS=720)
 

@@ -254,16 +254,17 @@ class Runtime:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
 
-    def gather_objects(self, obj, everywhere: bool = True) -> list | None:
-        """Every rank's `obj`, on every rank, or (everywhere=False) on rank 0 only and None elsewhere."""
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj`, on every rank."""
         if self.world_size == 1:
             return [obj]
-        out = [None] * self.world_size if everywhere or self.master else None
-        if everywhere:
-            dist.all_gather_object(out, obj)
-        else:
-            dist.gather_object(obj, out, dst=0)
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
         return out
+
+    def upload(self, t: Tensor) -> Tensor:
+        """A host tensor on the device without making the host wait: pinned, then copied asynchronously."""
+        return t.pin_memory().to(self.device, non_blocking=True) if self.is_cuda else t
 
 
 class Logger:
@@ -409,13 +410,9 @@ class BatchLoader:
     def _read(self) -> list[tuple[Tensor, Tensor]]:
         chunk = self.stream.take(self.batch + 1)
         self.stream.pos -= 1  # the last target is the next step's first input
-        mine = torch.from_numpy(chunk[self.rt.rank * self.accum * self.micro:][:self.accum * self.micro + 1])
-        mine = mine.pin_memory() if self.rt.device.type == "cuda" else mine
-        out = []
-        for k in range(self.accum):
-            piece = mine[k * self.micro:(k + 1) * self.micro + 1].to(self.rt.device, non_blocking=True)
-            out.append((piece[:-1].view(-1, self.seq_len), piece[1:].view(-1, self.seq_len)))
-        return out
+        mine = self.rt.upload(torch.from_numpy(chunk[self.rt.rank * self.accum * self.micro:][:self.accum * self.micro + 1]))
+        pieces = [mine[k * self.micro:(k + 1) * self.micro + 1] for k in range(self.accum)]
+        return [(piece[:-1].view(-1, self.seq_len), piece[1:].view(-1, self.seq_len)) for piece in pieces]
 
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
         batch, self.ahead = self.ahead or self._read(), None
@@ -672,10 +669,9 @@ class Muon(torch.optim.Optimizer):
                 x = torch.zeros(per, *params[0].shape, device=params[0].device)  # this rank's slice, zero-padded
                 for j, i in enumerate(range(self.rank * per, min(len(params), (self.rank + 1) * per))):
                     x[j] = grads[i].lerp(bufs[i], mom)
-                x = self.ns(x, self.ns_dtype)
+                x = self.ns(x, self.ns_dtype).contiguous()  # NCCL gathers dense tensors only (tall ones come back as .mT)
                 out = x if self.world == 1 else torch.empty(per * self.world, *x.shape[1:], dtype=x.dtype, device=x.device)
-                gathers.append((params, out, dist.all_gather(list(out.chunk(self.world)), x, async_op=True)
-                                if self.world > 1 else None))
+                gathers.append((params, out, dist.all_gather_into_tensor(out, x, async_op=True) if self.world > 1 else None))
             for params, out, handle in gathers:
                 if handle is not None:
                     handle.wait()
@@ -721,8 +717,30 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
 # Training
 
 
-CALIB_STEPS = 3  # training steps of wall clock kept for the calibration (one more batch, eager: slower than compiled)
-IN_FLIGHT = 3  # on a GPU, steps that may still run after a step's stop flag is set: the one before, it, the next
+class Timeline:
+    """Points in the device's timeline, and what the host may learn of them: CUDA events on a GPU (recorded
+    in stream order; `done` asks without waiting, `wait` blocks on that one event), the host clock on a CPU,
+    whose work is finished when the call that issued it returns."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else 1000 * (b - a)
+
+    def done(self, mark) -> bool:
+        return mark.query() if self.cuda else True
+
+    def wait(self, mark) -> None:
+        if self.cuda:
+            mark.synchronize()
 
 
 class Trainer:
@@ -734,6 +752,11 @@ class Trainer:
         self.fwd = (DDP(fwd, device_ids=[rt.local_rank] if rt.is_cuda else None, broadcast_buffers=False)
                     if rt.world_size > 1 else fwd)
         self.params = list(model.parameters())
+        self.clock, self.budget_ms, self.calib_ms = Timeline(rt.is_cuda), 1000 * args.max_wallclock_seconds, 0.0
+        # a step's stop flag is one of two device constants, and its flags reach the host through one of two
+        # pinned buffers (read one step later, before the step after next reuses it): no copy in a step blocks
+        self.late_flags = torch.tensor([0.0, 1.0], device=rt.device)
+        self.host_flags = [torch.empty(2, pin_memory=True) for _ in range(2)] if rt.is_cuda else None
 
     def accumulate(self, micro_batches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Forward and backward over one step's micro-batches. Leaves the gradient of the mean loss over
@@ -747,32 +770,20 @@ class Trainer:
             total += loss.detach()
         return total / len(micro_batches)
 
-    def _mark(self):
-        """A point in the device's timeline: a CUDA event on a GPU (read once it has passed), else the
-        host clock, which a CPU step has caught up with when it returns."""
-        if not self.rt.is_cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _ms(self, a, b) -> float:
-        return a.elapsed_time(b) if self.rt.is_cuda else 1000 * (b - a)
-
     def step(self, step: int, lr_mult: float) -> tuple[Tensor, list]:
         """One optimizer step over all accumulation micro-batches: this rank's mean loss, and the marks
         before forward+backward, before the optimizer and after it."""
         set_schedule(self.optimizers, self.args, step, lr_mult)
         micro_batches = self.loader.next_step()
-        marks = [self._mark()]
+        marks = [self.clock.mark()]
         loss = self.accumulate(micro_batches)
-        marks.append(self._mark())
+        marks.append(self.clock.mark())
         if self.args.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
-        marks.append(self._mark())
+        marks.append(self.clock.mark())
         self.loader.prefetch()  # the host reads the next batch while the device works on this one
         return loss, marks
 
@@ -788,29 +799,48 @@ class Trainer:
         self.loader.ahead = None
 
     def warmup(self) -> None:
-        """Compile and warm up on real steps, then undo them: weights, optimizer state and data position."""
-        if not self.args.warmup_steps:
+        """Compile and warm up on real steps, and time the export's calibration on the real shapes (eager, as
+        it runs after training) for the stop rule; then undo it all: weights, optimizer state, data position."""
+        if not self.args.warmup_steps and not self.budget_ms:
             return
         snap = self.snapshot()
         t0 = time.perf_counter()
         for i in range(self.args.warmup_steps):
             self.step(i, 1.0)
         self.rt.sync()
+        warm_ms, t0 = 1000 * (time.perf_counter() - t0), time.perf_counter()
+        if self.budget_ms:
+            calibrate(self.model, self.loader.next_step(), self.rt, math.inf)
+            self.calib_ms = 1000 * (time.perf_counter() - t0)
         self.restore(snap)
-        self.log(f"warmup_steps:{self.args.warmup_steps} warmup_ms:{1000 * (time.perf_counter() - t0):.0f} (undone)")
+        self.log(f"warmup_steps:{self.args.warmup_steps} warmup_ms:{warm_ms:.0f} calibration_ms:{self.calib_ms:.0f} (undone)")
 
     def train(self) -> dict:
-        """Steps until ITERATIONS, or until the steps in flight and the calibration (CALIB_STEPS of the
-        slowest of the last 16 steps) would end past MAX_WALLCLOCK_SECONDS; then the EMA weights, calibrated
-        on the next training batch inside the budget. The host reads the loss and stop flag of the step
-        before the one it just launched, so the device never waits for it."""
-        args, rt = self.args, self.rt
-        ema = [p.detach().float().clone() for p in self.params]
-        self.budget_ms, self.recent, self.phases, self.done_ms = 1000 * args.max_wallclock_seconds, \
-            collections.deque(maxlen=16), [0.0, 0.0], 0.0
-        step, stop, pending = 0, False, None
+        """The steps (run_steps), then the EMA weights, calibrated on the next training batch inside the budget."""
+        rt = self.rt
         rt.sync()
-        self.t0, self.start = time.perf_counter(), self._mark()
+        self.t0, self.start = time.perf_counter(), self.clock.mark()
+        ema, steps = self.run_steps()
+        with torch.no_grad():
+            for p, e in zip(self.params, ema):
+                p.copy_(e.to(p.dtype))
+        calib = calibrate(self.model, self.loader.next_step(), rt,
+                          self.t0 + self.budget_ms / 1000 if self.budget_ms else math.inf)
+        total_ms = 1000 * (time.perf_counter() - self.t0)
+        self.log(f"calibration tokens:{calib['tokens']} ms:{total_ms - self.done_ms:.0f} reserved_ms:{self.calib_ms:.0f} "
+                 f"train_total_ms:{total_ms:.0f}")
+        if rt.is_cuda:
+            self.log(f"peak_memory_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}")
+        return {"steps": steps, "train_seconds": total_ms / 1000, "calib": calib}
+
+    def run_steps(self) -> tuple[list[Tensor], int]:
+        """Steps until ITERATIONS or the stop rule, with no host synchronization: each step's loss and stop
+        flag reach the host by a non-blocking copy, read one step later once that step's last event has
+        passed, so the device always has the next step queued. Returns the EMA weights and the step count."""
+        args = self.args
+        ema = [p.detach().float().clone() for p in self.params]
+        self.recent, self.phases, self.done_ms = collections.deque(maxlen=16), [0.0, 0.0], 0.0
+        step, stop, pending = 0, False, None
         while True:
             launched = None
             if step < args.iterations and not stop:
@@ -819,39 +849,41 @@ class Trainer:
                 decay = min(args.ema_decay, (1 + step) / (10 + step))  # warms up: no init weights in short runs
                 torch._foreach_lerp_(ema, [p.detach().float() for p in self.params], 1 - decay)
                 step += 1
-                ahead = (IN_FLIGHT if rt.is_cuda else 1) + CALIB_STEPS  # a CPU step is done when step() returns
-                late = self.budget_ms > 0 and (1000 * (time.perf_counter() - self.t0)
-                                               + ahead * max(self.recent, default=0.0) > self.budget_ms)
-                flags = rt.all_reduce(torch.stack((local_loss, torch.tensor(float(late), device=rt.device))))
-                launched = (step, mult, flags, marks)  # one collective per step: the loss and every rank's flag
+                reserve = self.reserve(marks, pending)
+                late = self.budget_ms > 0 and 1000 * (time.perf_counter() - self.t0) + reserve[0] > self.budget_ms
+                flags = self.rt.all_reduce(torch.stack((local_loss, self.late_flags[int(late)])))  # one collective
+                host = flags if self.host_flags is None else self.host_flags[step % 2].copy_(flags, non_blocking=True)
+                marks.append(self.clock.mark())  # once this has passed, `host` holds the loss and every rank's flag
+                launched = (step, mult, host, marks, reserve)
             if pending is not None and self.finish(*pending) and not stop:
                 stop = True
-                self.log(f"stopping_early: step {pending[0]} flagged that the steps in flight and the calibration "
-                         f"would end past MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g} "
-                         f"(predicted {max(self.recent):.0f} ms a step)")
+                _, steps_left, slowest = pending[-1]
+                self.log(f"stopping_early: step {pending[0]} flagged that {steps_left} more steps at {slowest:.0f} ms "
+                         f"and the calibration ({self.calib_ms:.0f} ms) would end past "
+                         f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g}")
             if launched is None:
                 break
             pending = launched
-        with torch.no_grad():
-            for p, e in zip(self.params, ema):
-                p.copy_(e.to(p.dtype))
-        calib = calibrate(self.model, self.loader.next_step(), rt,
-                          self.t0 + self.budget_ms / 1000 if self.budget_ms else math.inf)
-        total_ms = 1000 * (time.perf_counter() - self.t0)
-        self.log(f"calibration tokens:{calib['tokens']} ms:{total_ms - self.done_ms:.0f} "
-                 f"train_total_ms:{total_ms:.0f}")
-        if rt.is_cuda:
-            self.log(f"peak_memory_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}")
-        return {"steps": step, "train_seconds": total_ms / 1000, "calib": calib}
+        return ema, step
 
-    def finish(self, step: int, mult: float, flags: Tensor, marks: list) -> bool:
+    def reserve(self, marks: list, pending: tuple | None) -> tuple[float, int, float]:
+        """What would still run past now (ms) were this step not flagged but the next one: the steps in flight
+        (this one and the one before, unless the device has finished them), the next (launched before a flag
+        is read) and the one after, each at the slowest of the last 16 steps, then the calibration as timed
+        in warm-up. Flagging once that crosses the budget keeps the end inside it. Also: steps and the slowest."""
+        ends = (marks[-1], pending[3][-1]) if pending else (marks[-1],)
+        steps, slowest = 2 + sum(not self.clock.done(m) for m in ends), max(self.recent, default=0.0)
+        return steps * slowest + self.calib_ms, steps, slowest
+
+    def finish(self, step: int, mult: float, host: Tensor, marks: list, reserve: tuple) -> bool:
         """A launched step's end: its loss and stop flag read, its time taken, its line logged."""
-        loss, stop = flags.tolist()
+        self.clock.wait(marks[-1])
+        loss, stop = host.tolist()
         loss /= self.rt.world_size
-        now_ms = self._ms(self.start, marks[-1])  # when the device finished this step's optimizer
+        now_ms = self.clock.ms(self.start, marks[-1])  # when the device finished this step
         self.recent.append(now_ms - self.done_ms)
         self.done_ms = now_ms
-        self.phases = [total + self._ms(a, b) for total, a, b in zip(self.phases, marks, marks[1:])]
+        self.phases = [total + self.clock.ms(a, b) for total, a, b in zip(self.phases, marks, marks[1:])]
         if step % self.args.train_log_every == 0 or step == 1 or stop or step == self.args.iterations:
             fb, opt = (x / step for x in self.phases)
             self.log(f"step:{step}/{self.args.iterations} train_loss:{loss:.4f} lr_mult:{mult:.4f} "
@@ -1432,8 +1464,8 @@ def score_windows(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, l
         if deadline.passed():
             break
         rows, scored = window_batch(ends[b:min(b + B, hi)], prev_ends[b:min(b + B, hi)], seq_len, B)
-        pos = (rows.flatten()[scored] + 1).to(rt.device, non_blocking=True)
-        logp = eval_logprobs(model, hidden_fn, val[rows.to(rt.device)], scored.to(rt.device), rt)
+        pos = rt.upload(rows.flatten()[scored] + 1)
+        logp = eval_logprobs(model, hidden_fn, val[rt.upload(rows)], rt.upload(scored), rt)
         rows_out[:, pos] = torch.stack((-logp.gather(1, val[pos][:, None]).squeeze(1), -(logp.exp() * logp).sum(-1),
                                         logp.max(-1).values.exp(), torch.ones_like(pos, dtype=torch.float64)))
         if rt.master and time.perf_counter() - last_report > 10:
@@ -1546,10 +1578,10 @@ def audit_model_logp(model: GPT, val: Tensor, positions: list[int], args: Hyperp
         k = len(t)
         t = torch.cat((t, t[-1:].repeat(B - k)))  # padded to the batch size the fast path ran
         start = ends[torch.searchsorted(ends, t)] - length
-        idx = (start[:, None] + torch.arange(length)).to(rt.device)
+        idx = rt.upload(start[:, None] + torch.arange(length))
         x = val[idx]
-        x = torch.where(idx >= t.to(rt.device)[:, None], (x + 1) % args.vocab_size, x)
-        out.append(eval_logprobs(model, hidden_fn, x, (torch.arange(k) * length + t[:k] - 1 - start[:k]).to(rt.device), rt))
+        x = torch.where(idx >= rt.upload(t)[:, None], (x + 1) % args.vocab_size, x)
+        out.append(eval_logprobs(model, hidden_fn, x, rt.upload(torch.arange(k) * length + t[:k] - 1 - start[:k]), rt))
     return torch.cat(out) if out else torch.zeros(0, args.vocab_size, dtype=torch.float64, device=rt.device)
 
 

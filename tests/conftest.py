@@ -76,12 +76,38 @@ def script_env(corpus, cwd, **overrides) -> dict:
     return env
 
 
+def command(script: str, nproc: int, *argv: str) -> list[str]:
+    """How to run `script`: plain python, or (nproc > 1) torchrun with gloo on the CPU, under the NCCL contract
+    (tests/nccl_contract.py), which stops the run on any collective NCCL would reject and records them all."""
+    if nproc == 1:
+        return [sys.executable, script, *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            os.path.join(ROOT, "tests", "nccl_contract.py"), script, *argv]
+
+
+def contract_record(cwd, nproc: int) -> dict:
+    """The collectives a finished multi-process run made, {name: count}, after checking that every rank made
+    the same ones in the same order with the same shapes and dtypes (NCCL hangs otherwise)."""
+    import json
+    records = [json.load(open(os.path.join(str(cwd), f"nccl_contract.rank{r}.json"))) for r in range(nproc)]
+    for r, rec in enumerate(records[1:], 1):
+        assert len(rec) == len(records[0]), f"rank {r} made {len(rec)} collectives, rank 0 {len(records[0])}"
+        for i, (a, b) in enumerate(zip(records[0], rec)):
+            assert a == b, f"collective {i}: rank 0 {a}, rank {r} {b}"
+    counts = {}
+    for name, *_ in records[0]:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def run_script(corpus, cwd, nproc: int = 1, timeout: int = 240, **overrides) -> subprocess.CompletedProcess:
-    """Run train_gpt.py in `cwd` with the tiny config; nproc > 1 goes through torchrun (gloo on CPU)."""
-    cmd = [sys.executable, SCRIPT] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
-    return subprocess.run(cmd, cwd=str(cwd), env=script_env(corpus, str(cwd), **overrides), capture_output=True,
-                          text=True, timeout=timeout)
+    """Run train_gpt.py in `cwd` with the tiny config; nproc > 1 goes through torchrun (gloo on CPU) under the
+    NCCL contract, and a successful run's record of collectives is checked and kept as `.collectives`."""
+    proc = subprocess.run(command(SCRIPT, nproc), cwd=str(cwd), env=script_env(corpus, str(cwd), **overrides),
+                          capture_output=True, text=True, timeout=timeout)
+    if nproc > 1 and proc.returncode == 0:
+        proc.collectives = contract_record(cwd, nproc)
+    return proc
 
 
 FINAL_RE = re.compile(r"^final_(\w+) val_loss:(\S+) val_bpb:(\S+) tokens:(\d+) bytes:(\d+) coverage:(\S+) eval_ms:(\d+)$", re.M)

@@ -120,6 +120,39 @@ def test_one_training_step_on_the_gpu(corpus, tmp_path, monkeypatch):
     assert [n for n, p in model.named_parameters() if torch.equal(p, before[n])] == []
 
 
+def test_training_steps_never_synchronize_the_host(corpus, tmp_path, monkeypatch):
+    """The steady state of the training loop (every step logged, the stop rule on) under
+    torch.cuda.set_sync_debug_mode("error"): any host synchronization in a step (a blocking copy, .item(),
+    a stream or device synchronize) raises. The warm-up, the clock's start and the calibration after the
+    loop may synchronize and run outside it."""
+    rt = gpu_runtime(monkeypatch)
+    args = tiny_args(DEVICE="cuda", ITERATIONS=12, TRAIN_LOG_EVERY=1, MAX_WALLCLOCK_SECONDS=600, WARMUP_STEPS=2,
+                     GRAD_ACCUM_STEPS=2, LOG_DIR=str(tmp_path / "logs"), RUN_ID="sync_debug")
+    torch.manual_seed(args.seed)
+    model = train_gpt.GPT(args).to(rt.device)
+    paths = sorted(glob.glob(os.path.join(corpus["path"], "fineweb_train_*.bin")))
+    lines = []
+    trainer = train_gpt.Trainer(args, rt, model, train_gpt.BatchLoader(paths, args, rt), lambda msg, **k: lines.append(msg))
+    trainer.warmup()
+    assert trainer.calib_ms > 0 and trainer.host_flags[0].is_pinned()
+    real, ran = trainer.run_steps, []
+
+    def checked():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = real()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ran.append(out[1])
+        return out
+
+    monkeypatch.setattr(trainer, "run_steps", checked)
+    stats = trainer.train()
+    assert ran == [12] and stats["steps"] == 12
+    steps = [line for line in lines if line.startswith("step:")]
+    assert len(steps) == 12 and all(math.isfinite(float(re.search(r"train_loss:(\S+)", l).group(1))) for l in steps)
+
+
 def test_export_from_gpu_weights_is_the_cpu_export(monkeypatch, tmp_path):
     """The artifact written from weights on the GPU is byte for byte the one written from the same
     weights on the CPU, and a model loaded from it on the GPU holds the dequantized weights."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import SCRIPT, finals, script_env, tiny_args
+from conftest import SCRIPT, command, contract_record, finals, script_env, tiny_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,8 +48,11 @@ class FakeRuntime:
         self.reduced.append(t.detach().clone())
         return t
 
-    def gather_objects(self, obj, everywhere=True):
+    def gather_objects(self, obj):
         return [obj]
+
+    def upload(self, t):
+        return t
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -756,16 +759,16 @@ def eval_only_runs(trained_run, corpus, tmp_path_factory):
         art = cwd / "copy.ptz"
         shutil.copy(trained_run["artifact"], art)
         nproc = spec.pop("nproc")
-        cmd = [sys.executable, SCRIPT] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
         env = script_env(corpus, str(cwd), EVAL_ONLY=1, ARTIFACT_PATH=str(art), **spec)
-        jobs[name] = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True)
+        jobs[name] = (nproc, subprocess.Popen(command(SCRIPT, nproc), cwd=str(cwd), env=env, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True))
     out = {}
-    for name, proc in jobs.items():
+    for name, (nproc, proc) in jobs.items():
         stdout, stderr = proc.communicate(timeout=240)
         out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         out[name].cwd = cwd_of[name]
+        if nproc > 1 and proc.returncode == 0:
+            out[name].collectives = contract_record(cwd_of[name], nproc)
     return out
 
 
@@ -773,6 +776,7 @@ def test_two_processes_give_the_same_score(eval_only_runs, trained_run):
     proc = eval_only_runs["two_procs"]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "world_size:2" in proc.stdout
+    assert proc.collectives["all_reduce"] >= 3 and proc.collectives["all_gather_object"] >= 1  # under the NCCL contract
     got, want = finals(proc.stdout), trained_run["finals"]
     for kind in ("sliding", "ngram"):
         assert got[kind]["val_bpb"] == pytest.approx(want[kind]["val_bpb"], rel=1e-6)

@@ -534,54 +534,139 @@ def test_warmup_restores_weights_optimizer_and_stream(corpus, tmp_path, monkeypa
 # 10. Wall clock and the lr schedule
 
 
+STOP_RE = re.compile(r"^stopping_early: step (\d+) flagged that (\d+) more steps at (\d+) ms and the "
+                     r"calibration \((\d+) ms\) would end past MAX_WALLCLOCK_SECONDS=(\S+)$", re.M)
+CALIB_RE = re.compile(r"^calibration tokens:(\d+) ms:(\d+) reserved_ms:(\d+) train_total_ms:(\d+)$", re.M)
+
+
 def test_train_stops_at_the_wallclock_cap(corpus, tmp_path, monkeypatch, capsys):
     trainer, args = make_trainer(corpus, tmp_path, monkeypatch, run_id="clock", MAX_WALLCLOCK_SECONDS=3,
                                  ITERATIONS=100000, WARMUP_STEPS=1, GRAD_ACCUM_STEPS=1, WARMDOWN_ITERS=0, WARMDOWN_FRAC=0.9,
                                  TRAIN_LOG_EVERY=100000)
-    trainer.warmup()  # as the script does: the first step's one-off costs stay out of the clock
+    trainer.warmup()  # as the script does: the first step's one-off costs stay out of the clock, the calibration is timed
+    assert trainer.calib_ms > 0
     stats = trainer.train()
     out = capsys.readouterr().out
     steps, secs = stats["steps"], stats["train_seconds"]
     assert 0 < steps < 100000
-    # it stops before the steps still to run (here the next) and the export's calibration would cross
-    # the cap: never past it, and no more than those predicted steps before it
-    predicted_s = float(re.search(r"predicted (\d+) ms a step", out).group(1)) / 1000
-    assert 3.0 - (1 + train_gpt.CALIB_STEPS) * predicted_s - 0.3 <= secs <= 3.0, (secs, steps, predicted_s)
+    assert re.search(r"^warmup_steps:1 warmup_ms:\d+ calibration_ms:\d+ \(undone\)$", out, re.M)
+    # it stops before the steps that would still run had it waited one more step (on a CPU: the next two) and
+    # the export's calibration would cross the cap: never past it, and no more than those before it
+    (step, steps_left, slowest_ms, calib_ms, cap), = STOP_RE.findall(out)
+    assert int(steps_left) == 2 and cap == "3" and int(calib_ms) == round(trainer.calib_ms)
+    assert 3.0 - (2 * int(slowest_ms) + int(calib_ms)) / 1000 - 0.3 <= secs <= 3.0, (secs, steps, slowest_ms, calib_ms)
     logged = [int(x) for x in re.findall(r"^step:\d+/100000 .*train_time_ms:(\d+)$", out, re.M)]
     assert logged and max(logged) <= 3000
-    total = re.findall(r"^calibration tokens:(\d+) ms:(\d+) train_total_ms:(\d+)$", out, re.M)
-    assert len(total) == 1 and int(total[0][0]) == 1024 and int(total[0][2]) == round(1000 * secs) <= 3000
-    assert len(re.findall(r"^stopping_early: step \d+ flagged .* past MAX_WALLCLOCK_SECONDS=3 ", out, re.M)) == 1
+    (tokens, _, reserved, total), = CALIB_RE.findall(out)
+    assert int(tokens) == 1024 and int(reserved) == int(calib_ms) and int(total) == round(1000 * secs) <= 3000
     mults = [float(x) for x in re.findall(r"^step:\d+/100000 .*lr_mult:(\S+)", out, re.M)]
     assert mults[0] == 1.0  # step 1
     assert mults[-1] < 0.75  # warming down over the last 90% of the clock (the stop comes a few steps early)
 
 
+class SimulatedDevice:
+    """A GPU as the training loop sees it, on a simulated clock: the host enqueues a step in `launch_ms`
+    and returns; the device runs the queued steps one after another, each `step_ms` (times 1 +- `jitter`);
+    a mark passes when the device has finished everything queued before it; the host waits only where the
+    trainer waits on a mark, and the calibration (eager, synchronizing) runs `calib_ms` once the queue is
+    empty. Stands in for the trainer's Timeline and step, train_gpt.calibrate and the host clock."""
+
+    def __init__(self, step_ms: float, calib_ms: float, jitter: float = 0.0, seed: int = 0, launch_ms: float = 2.0):
+        self.now, self.free, self.rng = 0.0, 0.0, np.random.default_rng(seed)  # host clock, device's end of queue (s)
+        self.step_ms, self.calib_ms, self.jitter, self.launch_ms = step_ms, calib_ms, jitter, launch_ms
+
+    def install(self, trainer, monkeypatch) -> None:
+        monkeypatch.setattr(trainer, "clock", self)
+        monkeypatch.setattr(trainer, "step", self.step)
+        monkeypatch.setattr(train_gpt, "calibrate", self.calibrate)
+        monkeypatch.setattr(train_gpt.time, "perf_counter", lambda: self.now)
+
+    # the Timeline interface
+    def mark(self):
+        return max(self.free, self.now)
+
+    def ms(self, a, b):
+        return 1000 * (b - a)
+
+    def done(self, mark):
+        return mark <= self.now
+
+    def wait(self, mark):
+        self.now = max(self.now, mark)
+
+    def step(self, step, lr_mult):
+        self.now += self.launch_ms / 1000
+        start = max(self.free, self.now)
+        self.free = start + self.step_ms * (1 + self.jitter * self.rng.uniform(-1, 1)) / 1000
+        return torch.zeros(()), [start, start + 0.9 * (self.free - start), self.free]
+
+    def calibrate(self, model, micro_batches, rt, deadline):
+        self.now = max(self.now, self.free) + self.calib_ms / 1000
+        return {"tokens": 0, "tensors": {}}
+
+
 def test_stop_rule_predicts_from_the_slowest_recent_step(corpus, tmp_path, monkeypatch, capsys):
-    """A slow step raises the prediction. Steps take 100 ms, but one of 900 ms among the last 16 makes
-    each remaining one count as 900 ms: a step's stop flag is set once the steps still to finish
-    (IN_FLIGHT on a GPU, here on the CPU just the next) and CALIB_STEPS more would end past the budget;
-    the step launched before that flag was read still runs."""
-    assert (train_gpt.IN_FLIGHT, train_gpt.CALIB_STEPS) == (3, 3)
-    trainer, args = make_trainer(corpus, tmp_path, monkeypatch, run_id="predict", MAX_WALLCLOCK_SECONDS=5.05,
+    """A slow step raises the prediction. CPU-like (each step done when it returns): steps take 100 ms, but
+    one of 900 ms among the last 16 makes each remaining one count as 900 ms. A step's stop flag is set once
+    the steps that would run were it left to the next step to stop (here the next two) at that speed, and the
+    calibration (300 ms, timed in warm-up), would end past the budget; the step launched before the flag is
+    read still runs."""
+    trainer, args = make_trainer(corpus, tmp_path, monkeypatch, run_id="predict", MAX_WALLCLOCK_SECONDS=3.75,
                                  ITERATIONS=100000, WARMUP_STEPS=0, GRAD_ACCUM_STEPS=1, TRAIN_LOG_EVERY=100000)
-    clock = {"now": 0.0, "calls": 0}
+    sim = SimulatedDevice(step_ms=100, calib_ms=300, launch_ms=0)
+    sim.install(trainer, monkeypatch)
+    monkeypatch.setattr(sim, "done", lambda mark: True)  # a CPU: the work is done when the call returns
+    real_step = sim.step
 
-    def fake_step(step, lr_mult):  # advances a fake clock instead of training; marks as a CPU step's
-        clock["calls"] += 1
-        start = clock["now"]
-        clock["now"] += 0.9 if clock["calls"] == 3 else 0.1
-        return torch.zeros(()), [start, start, clock["now"]]
+    def cpu_step(step, lr_mult):  # the host runs the step itself; the third one takes 900 ms
+        sim.step_ms = 900 if step == 2 else 100
+        loss, marks = real_step(step, lr_mult)
+        sim.now = sim.free
+        return loss, marks
 
-    monkeypatch.setattr(trainer, "step", fake_step)
-    monkeypatch.setattr(train_gpt.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(trainer, "step", cpu_step)
+    trainer.warmup()
+    assert trainer.calib_ms == pytest.approx(300)
     stats = trainer.train()
-    # launches at t = 0.1, 0.2, 1.1, 1.2, ...; once the 0.9 s step has finished, (1 + 3) x 0.9 s are
-    # predicted: the flag is set at the launch of step 7 (t = 1.5, 1.5 + 3.6 > 5.05) and read after step 8
-    # was launched, which then finishes. With 0.1 s steps alone it would have run to t = 4.3 s.
-    assert stats["steps"] == 8 and stats["train_seconds"] == pytest.approx(1.6)
-    assert "stopping_early: step 7 flagged" in capsys.readouterr().out
+    # steps end at t = 0.1, 0.2, 1.1, 1.2, ... after the start. Step k's flag is computed when it ends, with the
+    # steps finished before it in the record: from step 5 on, 0.9 s is the slowest, and 2 x 0.9 + 0.3 s are
+    # reserved. Step 6 (1.4 + 2.1 = 3.5) passes, step 7 (1.5 + 2.1 = 3.6) passes, step 8 (1.6 + 2.1 = 3.7)
+    # passes, step 9 (1.7 + 2.1 = 3.8 > 3.75) is flagged; step 10 runs before the flag is read, then the
+    # calibration: 1.8 + 0.3 = 2.1 s. With 0.1 s steps alone it would have run to t = 3.7 s.
+    assert stats["steps"] == 10 and stats["train_seconds"] == pytest.approx(2.1)
+    (step, steps_left, slowest, calib, _), = STOP_RE.findall(capsys.readouterr().out)
+    assert (step, steps_left, slowest, calib) == ("9", "2", "900", "300")
 
+
+@pytest.mark.parametrize("step_ms,calib_ms", [(80, 4.5 * 80), (80, 4 * 80), (600, 2561)],
+                         ids=["8-ranks-calib-4.5", "8-ranks-calib-4", "1-rank"])
+def test_stop_rule_holds_the_cap_on_a_gpu_timeline(corpus, tmp_path, monkeypatch, capsys, step_ms, calib_ms):
+    """A GPU keeps up to 3 steps in flight when the stop flag is set (the one before, the one just launched,
+    and the next, launched before the flag is read), so the rule reserves 4 (one more, had it waited a step),
+    and the calibration after them is eager. Step and
+    calibration times as an 8-rank run has them (one ~80 ms micro-batch a step, calibration 4-5 steps) and
+    as one GPU has them (8 micro-batches, 600 ms a step, calibration 2561 ms on the H200), steps jittered
+    by up to 10%, over many seeds and budgets: train_total_ms never exceeds the cap, and the run uses it
+    (it ends within the reserve of the cap)."""
+    monkeypatch.setattr(train_gpt.Trainer, "snapshot", lambda self: None)
+    monkeypatch.setattr(train_gpt.Trainer, "restore", lambda self, snap: None)
+    ends = []
+    for seed in range(24):
+        cap_s = 3.0 + 0.37 * seed if step_ms < 100 else 12.0 + 1.1 * seed
+        trainer, args = make_trainer(corpus, tmp_path, monkeypatch, run_id=f"gpu{seed}", MAX_WALLCLOCK_SECONDS=cap_s,
+                                     ITERATIONS=10**6, WARMUP_STEPS=0, GRAD_ACCUM_STEPS=1, TRAIN_LOG_EVERY=10**6)
+        sim = SimulatedDevice(step_ms, calib_ms, jitter=0.1, seed=seed)
+        sim.install(trainer, monkeypatch)
+        trainer.warmup()
+        stats = trainer.train()
+        out = capsys.readouterr().out
+        (_, steps_left, _, _, _), = STOP_RE.findall(out)
+        (_, _, reserved, total), = CALIB_RE.findall(out)
+        assert int(steps_left) == 4 and float(reserved) == pytest.approx(calib_ms, abs=1)  # measured, not assumed
+        assert int(total) == round(1000 * stats["train_seconds"]) <= 1000 * cap_s, (seed, total, cap_s)
+        assert 1000 * cap_s - int(total) <= 5 * 1.1 * step_ms, (seed, total, cap_s)
+        ends.append(1000 * cap_s - int(total))
+    assert min(ends) < step_ms  # some runs end within a step of the cap: the bound is not slack by construction
 
 
 def test_lr_multiplier_wallclock_warmdown():

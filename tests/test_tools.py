@@ -24,7 +24,9 @@ def test_gpu_check_dry_run_completes(tmp_path):
     for kind in ("prequant", "roundtrip", "sliding", "ngram"):
         assert re.search(rf"^final_{kind} val_loss:\S+ val_bpb:\S+ .*coverage:1.000000 ", summary, re.M), kind
     assert re.search(r"^ngram_audit positions:64 .*order_mismatch:0 tol:1e-06 sampled:64$", summary, re.M)
-    assert re.search(r"^calibration tokens:2048 ms:\d+ train_total_ms:\d+$", summary, re.M)
+    assert re.search(r"^calibration tokens:2048 ms:\d+ reserved_ms:\d+ train_total_ms:\d+$", summary, re.M)
+    assert re.search(r"^stop rule: calibration took \d+ ms after the last step, \d+ ms reserved \(timed in warm-up\); "
+                     r"train_total_ms \d+ of the 5000 ms cap, margin \d+ ms$", summary, re.M)
     assert re.search(r"^export bytes_model:\d+ predicted:\d+ limit:\d+ passes:\d+ .* bits_per_weight ", summary, re.M)
     for orders in ("2-7", "2-16"):
         assert re.search(rf"^tokens:1000000 device:cpu orders:{orders} precompute_s:\S+ ", out, re.M), orders

@@ -3,9 +3,11 @@
 #   1. a corpus from what the machine already has (docstrings of its Python packages) -> sp1024 -> shards
 #   2. the full-size default model trained with the real schedule for GPU_CHECK_TRAIN_SECONDS (120),
 #      calibrated and exported by the budget fit, round-tripped, scored by sliding window + n-gram, audited
-#   3. the `cuda` tests, train_gpt.Muon against torch.optim.Muon, and the n-gram precompute and learned
-#      mixer at the full validation size (62,021,846 tokens), orders 2-7 and 2-16
-#   4. a summary: ms/step (forward+backward, optimizer, rest), peak memory, compile time, eval times, bytes
+#   3. the `cuda` tests (among them: training steps under torch.cuda.set_sync_debug_mode("error")),
+#      train_gpt.Muon against torch.optim.Muon, and the n-gram precompute and learned mixer at the full
+#      validation size (62,021,846 tokens), orders 2-7 and 2-16
+#   4. a summary: ms/step (forward+backward, optimizer, rest), peak memory, compile time, eval times, bytes,
+#      the calibration's time against what the stop rule reserved for it, and the margin left under the cap
 #
 #   bash tools/gpu_check.sh          # on the GPU machine; everything lands in runs/gpu_check/
 #   bash tools/gpu_check.sh --dry    # the same steps at toy size on the CPU, to show the script is sound
@@ -54,7 +56,7 @@ env "${run_env[@]}" RUN_ID=gpu_check DATA_PATH=data TOKENIZER_PATH=data/tok_1024
 rc=$?
 
 stage "cuda tests"
-(cd "$root" && python3 -m pytest -q -rs -m cuda -p no:cacheprovider tests); tests_rc=$?
+(cd "$root" && python3 -m pytest -v -rs -m cuda -p no:cacheprovider tests); tests_rc=$?
 
 stage "Muon: train_gpt.Muon against torch.optim.Muon on the model's matrices (ms and ops per step)"
 env "${run_env[@]}" python3 "$root/tools/bench_step.py" --muon --steps 3
@@ -74,6 +76,12 @@ for pat in (r"^warmup_steps:.*", r"^stopping_early.*", r"^calibration .*", r"^pe
             r"^artifact .*", r"^final_\w+ .*", r"^ngram_mix .*", r"^ngram_audit .*", r"^eval_time .*"):
     for line in re.findall(pat, text, re.M):
         print(line)
+calib = re.search(r"^calibration tokens:\d+ ms:(\d+) reserved_ms:(\d+) train_total_ms:(\d+)$", text, re.M)
+cap = re.search(r"^hparam max_wallclock_seconds:(\S+)$", text, re.M)
+if calib and cap:
+    took, reserved, total = (int(x) for x in calib.groups())
+    print(f"stop rule: calibration took {took} ms after the last step, {reserved} ms reserved (timed in warm-up); "
+          f"train_total_ms {total} of the {1000 * float(cap.group(1)):.0f} ms cap, margin {1000 * float(cap.group(1)) - total:.0f} ms")
 EOF
 echo "train_gpt rc:$rc cuda_tests rc:$tests_rc total_s:$((SECONDS - t0))"
 [ $rc = 0 ] && [ $tests_rc = 0 ]

@@ -1,9 +1,7 @@
 """Parameter Golf, 10 min / 16 MB track: a 10-layer GPT (XSA, value residual, BigramHash, SmearGate,
-LeakyReLU^2 MLP) trained with Muon, exported as mixed int5/int6 + zstd, and scored on the full
-FineWeb validation split by a sliding window mixed with an exact, normalized, causal n-gram backoff.
-
-Every knob is an environment variable (see Hyperparameters). Launch:
-    torchrun --standalone --nproc_per_node=8 train_gpt.py
+LeakyReLU^2 MLP) trained with Muon, exported as mixed int5/int6 + zstd, and scored on the full FineWeb
+validation split by a sliding window mixed with an exact, normalized, causal n-gram backoff.
+Every knob is an environment variable (KNOBS). Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py
 """
 from __future__ import annotations
 
@@ -32,40 +30,37 @@ import zstandard
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
 
 class UsageError(Exception):
-    """A bad setting, input file or artifact. Reported as one `error:` line, never a traceback."""
+    """A bad setting, input file or artifact: reported as one `error:` line, never a traceback."""
 
 
 class EvalFailure(Exception):
     """The run finished but a result must not be trusted (over the byte cap, incomplete, failed audit)."""
 
 
-def _parse_bool(raw: str) -> bool:
-    value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(raw.lower())
-    if value is None:
-        raise ValueError(raw)
-    return value
-
-
-_KINDS = {int: ("an integer", int), float: ("a number", float), bool: ("0 or 1", _parse_bool)}
+KIND_NAMES = {int: "an integer", float: "a number", bool: "0 or 1"}
+BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def env(name: str, default, kind=int, lo=None, hi=None):
-    """Read one knob; anything unparsable or out of [lo, hi] is a UsageError naming the variable."""
+    """One knob: kind int, float, bool, str or a tuple of allowed words; anything unparsable or outside
+    [lo, hi] is a UsageError naming the variable, the value and what is allowed."""
     raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if kind is str:
+    if not raw or kind is str:
+        return raw or default
+    if isinstance(kind, tuple):
+        if raw not in kind:
+            raise UsageError(f"{name}={raw!r} is invalid: expected {', '.join(kind[:-1])} or {kind[-1]}")
         return raw
-    desc, parse = _KINDS[kind]
     try:
-        value = parse(raw)
-    except ValueError:
-        raise UsageError(f"{name}={raw!r} is invalid: expected {desc}") from None
+        value = BOOLS[raw.lower()] if kind is bool else kind(raw)
+    except (KeyError, ValueError):
+        raise UsageError(f"{name}={raw!r} is invalid: expected {KIND_NAMES[kind]}") from None
     if kind is float and not math.isfinite(value):
         raise UsageError(f"{name}={raw!r} is invalid: expected a finite number")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -74,132 +69,93 @@ def env(name: str, default, kind=int, lo=None, hi=None):
     return value
 
 
-# Settings that fix the model's shape: stored in the artifact so EVAL_ONLY needs nothing else.
-MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-              "rope_dims", "rope_base", "xsa_last_n", "bigram_vocab_size", "bigram_dim", "smear_gate",
-              "value_residual", "ln_scale", "logit_softcap")
+# Every knob: (attribute, default, kind, lo, hi); its environment variable is the attribute in upper case.
+KNOBS = (
+    # data, run, devices
+    ("data_path", "./data/datasets/fineweb10B_sp1024", str),
+    ("tokenizer_path", "./data/tokenizers/fineweb_1024_bpe.model", str),
+    ("run_id", "", str), ("log_dir", "logs", str), ("seed", 1337, int, 0), ("device", "auto", ("auto", "cpu", "cuda")),
+    ("compile", None, bool),  # None: on for CUDA, off for CPU
+    # model (defaults: the record configuration, ~24.7M parameters)
+    ("vocab_size", 1024, int, 2, 65536), ("num_layers", 10, int, 1), ("model_dim", 512, int, 8),
+    ("num_heads", 8, int, 1), ("num_kv_heads", 4, int, 1), ("mlp_mult", 3.0, float, 0.25, 64),
+    ("rope_dims", 16, int, 2), ("rope_base", 10000.0, float, 1.0), ("xsa_last_n", 4, int, 0),
+    ("bigram_vocab_size", 4096, int, 0), ("bigram_dim", 128, int, 1), ("smear_gate", True, bool),
+    ("value_residual", True, bool), ("ln_scale", True, bool), ("logit_softcap", 30.0, float, 1.0),
+    ("qk_gain_init", 1.5, float, 0.0),
+    # training; WARMDOWN_FRAC: the records' 3500 of ~6700 steps, the same share of the budget on any card
+    ("train_seq_len", 2048, int, 2), ("train_batch_tokens", 786_432, int, 1), ("iterations", 20_000, int, 0),
+    ("max_wallclock_seconds", 600.0, float, 0.0), ("warmup_steps", 20, int, 0), ("warmdown_iters", 3500, int, 0),
+    ("warmdown_frac", 0.52, float, 0.0, 1.0), ("grad_accum_steps", 0, int, 1),  # 0: 8 / world size
+    ("matrix_lr", 0.03, float, 0.0), ("scalar_lr", 0.02, float, 0.0), ("tied_embed_lr", 0.03, float, 0.0),
+    ("muon_wd", 0.04, float, 0.0), ("adam_wd", 0.04, float, 0.0), ("muon_momentum", 0.99, float, 0.0, 1.0),
+    ("muon_momentum_warmup_start", 0.92, float, 0.0, 1.0), ("muon_momentum_warmup_steps", 1500, int, 0),
+    ("grad_clip_norm", 0.3, float, 0.0), ("ema_decay", 0.997, float, 0.0, 1.0), ("train_log_every", 100, int, 1),
+    # export
+    ("artifact_path", "final_model.ptz", str), ("artifact_limit_bytes", 16_000_000, int, 1),
+    ("export_gptq", True, bool), ("eval_only", False, bool),
+    # evaluation; NGRAM_MIX_FIRST/CHUNK: the learned mixer's first and largest chunk (and refit sample), in targets
+    ("eval_seq_len", 2048, int, 1), ("eval_stride", 64, int, 1), ("eval_batch_seqs", 32, int, 1),
+    ("eval_budget_seconds", 600.0, float, 0.0), ("eval_dump_path", "", str), ("ngram", True, bool),
+    ("ngram_min_order", 2, int, 2), ("ngram_max_order", 7, int, 2, 32), ("ngram_min_count", 2, int, 1),
+    ("ngram_ent_base", 0.05, float, 0.0, 1.0), ("ngram_ent_range", 0.55, float, 0.0, 1.0),
+    ("ngram_ent_scale", 2.0, float), ("ngram_ent_thresh", 4.0, float), ("ngram_mixer", "learned", ("learned", "fixed")),
+    ("ngram_mix_first", 1024, int, 1), ("ngram_mix_chunk", 1 << 20, int, 1), ("ngram_mix_steps", 4, int, 0),
+    ("ngram_mix_l2", 1e-4, float, 1e-12), ("ngram_audit_positions", 256, int, 0),
+    # submission
+    ("submission_path", "submission.json", str), ("author", "", str), ("github_id", "", str),
+)
+# The settings that fix the model's shape: stored in the artifact, so EVAL_ONLY needs nothing else.
+MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
+              "rope_base", "xsa_last_n", "bigram_vocab_size", "bigram_dim", "smear_gate", "value_residual", "ln_scale",
+              "logit_softcap")
 
 
 class Hyperparameters:
     """Every knob, read from the environment and validated before any expensive work."""
 
     def __init__(self, world_size: int = 1):
-        # Data, run and devices.
-        self.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024", str)
-        self.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", str)
-        self.run_id = env("RUN_ID", uuid.uuid4().hex[:12], str)
-        self.log_dir = env("LOG_DIR", "logs", str)
-        self.seed = env("SEED", 1337, int, 0)
-        self.device = env("DEVICE", "auto", str)
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"DEVICE={self.device!r} is invalid: expected auto, cpu or cuda")
-        self.compile = env("COMPILE", None, bool)  # None: on for CUDA, off for CPU
-        # Model (defaults: the record configuration, ~24.7M parameters).
-        self.vocab_size = env("VOCAB_SIZE", 1024, int, 2, 65536)
-        self.num_layers = env("NUM_LAYERS", 10, int, 1)
-        self.model_dim = env("MODEL_DIM", 512, int, 8)
-        self.num_heads = env("NUM_HEADS", 8, int, 1)
-        self.num_kv_heads = env("NUM_KV_HEADS", 4, int, 1)
-        self.mlp_mult = env("MLP_MULT", 3.0, float, 0.25, 64)
-        self.rope_dims = env("ROPE_DIMS", 16, int, 2)
-        self.rope_base = env("ROPE_BASE", 10000.0, float, 1.0)
-        self.xsa_last_n = env("XSA_LAST_N", 4, int, 0)
-        self.bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", 4096, int, 0)
-        self.bigram_dim = env("BIGRAM_DIM", 128, int, 1)
-        self.smear_gate = env("SMEAR_GATE", True, bool)
-        self.value_residual = env("VALUE_RESIDUAL", True, bool)
-        self.ln_scale = env("LN_SCALE", True, bool)
-        self.logit_softcap = env("LOGIT_SOFTCAP", 30.0, float, 1.0)
-        self.qk_gain_init = env("QK_GAIN_INIT", 1.5, float, 0.0)
-        # Training.
-        self.train_seq_len = env("TRAIN_SEQ_LEN", 2048, int, 2)
-        self.train_batch_tokens = env("TRAIN_BATCH_TOKENS", 786_432, int, 1)
-        self.iterations = env("ITERATIONS", 20_000, int, 0)
-        self.max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", 600.0, float, 0.0)
-        self.warmup_steps = env("WARMUP_STEPS", 20, int, 0)
-        self.warmdown_iters = env("WARMDOWN_ITERS", 3500, int, 0)
-        # the records' 3500 of ~6700 steps in 600 s on 8xH100: the same share of the budget on any card
-        self.warmdown_frac = env("WARMDOWN_FRAC", 0.52, float, 0.0, 1.0)
-        self.grad_accum_steps = env("GRAD_ACCUM_STEPS", max(1, 8 // world_size), int, 1)
-        self.matrix_lr = env("MATRIX_LR", 0.03, float, 0.0)
-        self.scalar_lr = env("SCALAR_LR", 0.02, float, 0.0)
-        self.tied_embed_lr = env("TIED_EMBED_LR", 0.03, float, 0.0)
-        self.muon_wd = env("MUON_WD", 0.04, float, 0.0)
-        self.adam_wd = env("ADAM_WD", 0.04, float, 0.0)
-        self.muon_momentum = env("MUON_MOMENTUM", 0.99, float, 0.0, 1.0)
-        self.muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92, float, 0.0, 1.0)
-        self.muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", 1500, int, 0)
-        self.grad_clip_norm = env("GRAD_CLIP_NORM", 0.3, float, 0.0)
-        self.ema_decay = env("EMA_DECAY", 0.997, float, 0.0, 1.0)
-        self.train_log_every = env("TRAIN_LOG_EVERY", 100, int, 1)
-        # Export.
-        self.artifact_path = env("ARTIFACT_PATH", "final_model.ptz", str)
-        self.artifact_limit_bytes = env("ARTIFACT_LIMIT_BYTES", 16_000_000, int, 1)
-        self.export_gptq = env("EXPORT_GPTQ", True, bool)
-        self.eval_only = env("EVAL_ONLY", False, bool)
-        # Evaluation.
-        self.eval_seq_len = env("EVAL_SEQ_LEN", 2048, int, 1)
-        self.eval_stride = env("EVAL_STRIDE", 64, int, 1)
-        self.eval_batch_seqs = env("EVAL_BATCH_SEQS", 32, int, 1)
-        self.eval_budget_seconds = env("EVAL_BUDGET_SECONDS", 600.0, float, 0.0)
-        self.eval_dump_path = env("EVAL_DUMP_PATH", "", str)
-        self.ngram = env("NGRAM", True, bool)
-        self.ngram_min_order = env("NGRAM_MIN_ORDER", 2, int, 2)
-        self.ngram_max_order = env("NGRAM_MAX_ORDER", 7, int, 2, 32)
-        self.ngram_min_count = env("NGRAM_MIN_COUNT", 2, int, 1)
-        self.ngram_ent_base = env("NGRAM_ENT_BASE", 0.05, float, 0.0, 1.0)
-        self.ngram_ent_range = env("NGRAM_ENT_RANGE", 0.55, float, 0.0, 1.0)
-        self.ngram_ent_scale = env("NGRAM_ENT_SCALE", 2.0, float)
-        self.ngram_ent_thresh = env("NGRAM_ENT_THRESH", 4.0, float)
-        self.ngram_mixer = env("NGRAM_MIXER", "learned", str)
-        self.ngram_mix_first = env("NGRAM_MIX_FIRST", 1024, int, 1)  # targets in the first learned-mixer chunk
-        self.ngram_mix_chunk = env("NGRAM_MIX_CHUNK", 1 << 20, int, 1)  # largest chunk and refit sample
-        self.ngram_mix_steps = env("NGRAM_MIX_STEPS", 4, int, 0)
-        self.ngram_mix_l2 = env("NGRAM_MIX_L2", 1e-4, float, 1e-12)
-        self.ngram_audit_positions = env("NGRAM_AUDIT_POSITIONS", 256, int, 0)
-        # Submission.
-        self.submission_path = env("SUBMISSION_PATH", "submission.json", str)
-        self.author = env("AUTHOR", "", str)
-        self.github_id = env("GITHUB_ID", "", str)
+        for name, default, *rule in KNOBS:
+            setattr(self, name, env(name.upper(), default, *rule))
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        self.grad_accum_steps = self.grad_accum_steps or max(1, 8 // world_size)
         self.world_size = world_size
         if self.eval_only:  # the artifact carries the model's shape: adopt it before checking shapes
             self.apply_model_config(read_artifact(self.artifact_path)[0]["config"])
         self.check()
 
     def check(self) -> None:
-        def bad(msg):
-            raise UsageError(msg)
-        if self.model_dim % self.num_heads:
-            bad(f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
-        if self.num_heads % self.num_kv_heads:
-            bad(f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
-        head_dim = self.model_dim // self.num_heads
-        if self.rope_dims % 2 or self.rope_dims > head_dim:
-            bad(f"ROPE_DIMS={self.rope_dims} is invalid: must be even and <= head dim {head_dim}")
-        if self.xsa_last_n > self.num_layers:
-            bad(f"XSA_LAST_N={self.xsa_last_n} is invalid: must be <= NUM_LAYERS={self.num_layers}")
-        if self.bigram_vocab_size == 1:
-            bad("BIGRAM_VOCAB_SIZE=1 is invalid: use 0 (off) or >= 2 (one bucket is reserved)")
-        if abs(self.mlp_mult * self.model_dim - round(self.mlp_mult * self.model_dim)) > 1e-9:
-            bad(f"MLP_MULT={self.mlp_mult} is invalid: MLP_MULT*MODEL_DIM must be a whole number")
-        if self.ngram_max_order < self.ngram_min_order:
-            bad(f"NGRAM_MAX_ORDER={self.ngram_max_order} must be >= NGRAM_MIN_ORDER={self.ngram_min_order}")
-        if self.ngram_ent_base + self.ngram_ent_range > 1:
-            bad(f"NGRAM_ENT_BASE={self.ngram_ent_base} + NGRAM_ENT_RANGE={self.ngram_ent_range} must be <= 1: "
-                "alpha is a mixing weight")
-        if self.ngram_mixer not in ("learned", "fixed"):
-            bad(f"NGRAM_MIXER={self.ngram_mixer!r} is invalid: expected learned or fixed")
-        if self.ngram_mix_chunk < self.ngram_mix_first:
-            bad(f"NGRAM_MIX_CHUNK={self.ngram_mix_chunk} must be >= NGRAM_MIX_FIRST={self.ngram_mix_first}")
-        if self.ngram and not self.ngram_audit_positions:
-            bad("NGRAM_AUDIT_POSITIONS=0 is invalid with NGRAM=1: an n-gram score is only reported after its "
-                "audit (use >= 1, or NGRAM=0)")
-        if self.eval_stride > self.eval_seq_len:
-            bad(f"EVAL_STRIDE={self.eval_stride} is invalid: must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+        head_dim, width = self.model_dim // self.num_heads, self.mlp_mult * self.model_dim
         micro = self.world_size * self.grad_accum_steps * self.train_seq_len
-        if not self.eval_only and self.train_batch_tokens % micro:
-            bad(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world size "
-                f"{self.world_size} x GRAD_ACCUM_STEPS={self.grad_accum_steps} x TRAIN_SEQ_LEN={self.train_seq_len}")
+        rules = (  # (broken, message): the first broken one is reported
+            (self.model_dim % self.num_heads, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}"),
+            (self.num_heads % self.num_kv_heads,
+             f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}"),
+            (self.rope_dims % 2 or self.rope_dims > head_dim,
+             f"ROPE_DIMS={self.rope_dims} is invalid: must be even and <= head dim {head_dim}"),
+            (self.xsa_last_n > self.num_layers,
+             f"XSA_LAST_N={self.xsa_last_n} is invalid: must be <= NUM_LAYERS={self.num_layers}"),
+            (self.bigram_vocab_size == 1,
+             "BIGRAM_VOCAB_SIZE=1 is invalid: use 0 (off) or >= 2 (one bucket is reserved)"),
+            (abs(width - round(width)) > 1e-9,
+             f"MLP_MULT={self.mlp_mult} is invalid: MLP_MULT*MODEL_DIM must be a whole number"),
+            (self.ngram_max_order < self.ngram_min_order,
+             f"NGRAM_MAX_ORDER={self.ngram_max_order} must be >= NGRAM_MIN_ORDER={self.ngram_min_order}"),
+            (self.ngram_ent_base + self.ngram_ent_range > 1, f"NGRAM_ENT_BASE={self.ngram_ent_base} + "
+             f"NGRAM_ENT_RANGE={self.ngram_ent_range} must be <= 1: alpha is a mixing weight"),
+            (self.ngram_mix_chunk < self.ngram_mix_first,
+             f"NGRAM_MIX_CHUNK={self.ngram_mix_chunk} must be >= NGRAM_MIX_FIRST={self.ngram_mix_first}"),
+            (self.ngram and not self.ngram_audit_positions, "NGRAM_AUDIT_POSITIONS=0 is invalid with NGRAM=1: an "
+             "n-gram score is only reported after its audit (use >= 1, or NGRAM=0)"),
+            (self.eval_stride > self.eval_seq_len,
+             f"EVAL_STRIDE={self.eval_stride} is invalid: must be <= EVAL_SEQ_LEN={self.eval_seq_len}"),
+            (not self.eval_only and self.train_batch_tokens % micro,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world size {self.world_size} x "
+             f"GRAD_ACCUM_STEPS={self.grad_accum_steps} x TRAIN_SEQ_LEN={self.train_seq_len}"),
+        )
+        for broken, message in rules:
+            if broken:
+                raise UsageError(message)
 
     def model_config(self) -> dict:
         return {k: getattr(self, k) for k in MODEL_KEYS}
@@ -209,12 +165,11 @@ class Hyperparameters:
         for key in MODEL_KEYS:
             if key not in config:
                 raise UsageError(f"artifact {self.artifact_path} is corrupt: its config lacks {key}")
-            name = key.upper()
             if type(config[key]) is not type(getattr(self, key)):
                 raise UsageError(f"artifact {self.artifact_path} is corrupt: {key}={config[key]!r} has the wrong type")
-            if os.environ.get(name, "").strip() and getattr(self, key) != config[key]:
-                raise UsageError(f"{name}={getattr(self, key)} contradicts the artifact, "
-                                 f"which was built with {name}={config[key]}")
+            if os.environ.get(key.upper(), "").strip() and getattr(self, key) != config[key]:
+                raise UsageError(f"{key.upper()}={getattr(self, key)} contradicts the artifact, which was built with "
+                                 f"{key.upper()}={config[key]}")
             setattr(self, key, config[key])
 
 
@@ -223,24 +178,21 @@ class Hyperparameters:
 
 
 class Runtime:
-    """Rank, device and precision. CPU and CUDA differ only here."""
+    """Rank, device and precision: CPU and CUDA differ only here."""
 
     def __init__(self, device_pref: str = "auto"):
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-        if use_cuda and not torch.cuda.is_available():
+        self.rank, self.world_size, self.local_rank = (int(os.environ.get(k, d)) for k, d in
+                                                       (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
+        self.is_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+        if self.is_cuda and not torch.cuda.is_available():
             raise UsageError("DEVICE=cuda but no CUDA device is available")
-        self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
-        self.is_cuda = use_cuda
+        self.device = torch.device("cuda", self.local_rank) if self.is_cuda else torch.device("cpu")
         self.master = self.rank == 0
-        if use_cuda:
+        if self.is_cuda:
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None)
+            dist.init_process_group("nccl" if self.is_cuda else "gloo", device_id=self.device if self.is_cuda else None)
 
     def autocast(self):
         return torch.autocast("cuda", torch.bfloat16) if self.is_cuda else contextlib.nullcontext()
@@ -256,10 +208,9 @@ class Runtime:
 
     def gather_objects(self, obj) -> list:
         """Every rank's `obj`, on every rank."""
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        out = [obj] * self.world_size
+        if self.world_size > 1:
+            dist.all_gather_object(out, obj)
         return out
 
     def upload(self, t: Tensor) -> Tensor:
@@ -271,19 +222,17 @@ class Logger:
     """Rank 0 writes to stdout and logs/<RUN_ID>.txt; other ranks stay quiet."""
 
     def __init__(self, args: Hyperparameters, rt: Runtime):
-        self.enabled = rt.master
-        self.path = os.path.join(args.log_dir, f"{args.run_id}.txt")
+        self.enabled, self.path = rt.master, os.path.join(args.log_dir, f"{args.run_id}.txt")
         if self.enabled:
             os.makedirs(args.log_dir, exist_ok=True)
             open(self.path, "w", encoding="utf-8").close()
 
     def __call__(self, msg: str = "", console: bool = True) -> None:
-        if not self.enabled:
-            return
-        if console:
-            print(msg, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(msg + "\n")
+        if self.enabled:
+            if console:
+                print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,8 +277,7 @@ def validate_shards(paths: list[str], vocab_size: int, rt: Runtime) -> None:
     for i in range(rt.rank, len(paths), rt.world_size):
         if counts[i]:
             maxima[i] = int(shard_tokens(paths[i]).max())
-    maxima = rt.all_reduce(maxima, dist.ReduceOp.MAX).tolist()
-    for path, top in zip(paths, maxima):
+    for path, top in zip(paths, rt.all_reduce(maxima, dist.ReduceOp.MAX).tolist()):
         if top >= vocab_size:
             raise UsageError(f"shard {path} holds token id {top} >= VOCAB_SIZE={vocab_size}")
 
@@ -347,7 +295,7 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
 
 
 def byte_luts(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per piece: bytes of its text without a leading '▁', whether it has that '▁', whether it is a
+    """Per piece: bytes of its text without a leading '▁', whether it has that '▁', and whether it is a
     control/unknown/unused piece (after which the '▁' stands for no byte)."""
     n = sp.vocab_size()
     base, space, boundary = np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, bool)
@@ -386,21 +334,18 @@ class TokenStream:
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
-            if self.pos >= len(self.tokens):
+            if self.pos >= len(self.tokens):  # on to the next shard (an empty one yields nothing)
                 self.restore(((self.shard + 1) % len(self.paths), 0))
-                continue
-            part = self.tokens[self.pos:self.pos + n]
-            parts.append(part)
-            self.pos += len(part)
-            n -= len(part)
+            parts.append(self.tokens[self.pos:self.pos + n])
+            self.pos += len(parts[-1])
+            n -= len(parts[-1])
         return np.concatenate(parts).astype(np.int64)
 
 
 class BatchLoader:
-    """Each step reads TRAIN_BATCH_TOKENS + 1 contiguous tokens; micro-batch i of the step (rank-major,
-    then accumulation step) gets slice i. Steps overlap by the one target token, so every token is an
-    input once, and the data seen does not depend on how the batch is split. prefetch() reads the next
-    step while the device still runs this one (pinned host memory, copies that do not block)."""
+    """Each step reads TRAIN_BATCH_TOKENS + 1 contiguous tokens; micro-batch i (rank-major, then accumulation
+    step) gets slice i, so the data does not depend on how the batch is split. Steps overlap by the one target
+    token. prefetch() reads the next step while the device still runs this one."""
 
     def __init__(self, paths: list[str], args: Hyperparameters, rt: Runtime):
         self.stream, self.rt, self.ahead = TokenStream(paths), rt, None
@@ -410,7 +355,8 @@ class BatchLoader:
     def _read(self) -> list[tuple[Tensor, Tensor]]:
         chunk = self.stream.take(self.batch + 1)
         self.stream.pos -= 1  # the last target is the next step's first input
-        mine = self.rt.upload(torch.from_numpy(chunk[self.rt.rank * self.accum * self.micro:][:self.accum * self.micro + 1]))
+        per_rank = self.accum * self.micro
+        mine = self.rt.upload(torch.from_numpy(chunk[self.rt.rank * per_rank:][:per_rank + 1]))
         pieces = [mine[k * self.micro:(k + 1) * self.micro + 1] for k in range(self.accum)]
         return [(piece[:-1].view(-1, self.seq_len), piece[1:].view(-1, self.seq_len)) for piece in pieces]
 
@@ -443,11 +389,11 @@ class Rotary(nn.Module):
     def __init__(self, dims: int, base: float):
         super().__init__()
         self.dims = dims
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / dims), persistent=False)
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / dims),
+                             persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, H, T, head_dim]
-        t = torch.arange(x.size(2), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
+        freqs = torch.outer(torch.arange(x.size(2), device=x.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         half = self.dims // 2
         x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
@@ -516,8 +462,8 @@ class Block(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """A learned embedding of (previous token, token), hashed into B-1 buckets; bucket B-1 is for the
-    first position of a sequence, which has no previous token."""
+    """A learned embedding of (previous token, token) hashed into B-1 buckets; bucket B-1 is for the first
+    position of a sequence, which has no previous token."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
@@ -562,16 +508,12 @@ class GPT(nn.Module):
         self.n_enc = n // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, n - self.n_enc), dim))
         self.vr_lambda = nn.Parameter(torch.full((n - 1, 2), 0.5)) if args.value_residual and n > 1 else None
-        self._init_weights()
-
-    def _init_weights(self):
         nn.init.normal_(self.tok_emb.weight, std=0.005)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                if getattr(m, "zero_init", False):
-                    nn.init.zeros_(m.weight)
-                elif min(m.weight.shape) >= 64:
-                    nn.init.orthogonal_(m.weight)
+        for m in self.modules():  # matrices orthogonal, the output projections zero: every block starts as the identity
+            if isinstance(m, nn.Linear) and getattr(m, "zero_init", False):
+                nn.init.zeros_(m.weight)
+            elif isinstance(m, nn.Linear) and min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
 
     def hidden(self, idx: Tensor) -> Tensor:
         x = self.tok_emb(idx)
@@ -584,17 +526,15 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if i >= self.n_enc and skips:
                 x = x + self.skip_weights[i - self.n_enc] * skips.pop()
-            lam = self.vr_lambda[i - 1] if self.vr_lambda is not None and i > 0 else None
-            x, v = block(x, x0, v0, lam)
-            if i == 0:
-                v0 = v
+            x, v = block(x, x0, v0, self.vr_lambda[i - 1] if self.vr_lambda is not None and i > 0 else None)
+            v0 = v if i == 0 else v0
             if i < self.n_enc:
                 skips.append(x)
         return rms_norm(x)
 
     def logits(self, h: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Soft-capped logits in `dtype`. Training: float32 from the bf16 product autocast makes. Eval:
-        float64 outside autocast, so a row's distribution does not depend on which rows share its batch."""
+        """Soft-capped logits in `dtype`: float32 in training (from autocast's bf16 product), float64 outside
+        autocast in the eval, so a row's distribution does not depend on which rows share its batch."""
         z = F.linear(h.to(dtype), self.tok_emb.weight.to(dtype)).to(dtype)
         return self.softcap * torch.tanh(z / self.softcap)
 
@@ -608,17 +548,12 @@ class GPT(nn.Module):
 
 
 def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
-    """Muon: the matrices of the blocks and the bigram projection. AdamW: embeddings; the rest
-    (vectors and scalars) in a second AdamW group. Every parameter lands in exactly one group."""
+    """Muon: the matrices of the blocks and the bigram projection; AdamW: embeddings, and apart the vectors and
+    scalars. Every parameter lands in exactly one group."""
     groups = {"muon": [], "embed": [], "scalar": []}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if isinstance(module, nn.Linear):
-                groups["muon"].append(p)
-            elif isinstance(module, nn.Embedding):
-                groups["embed"].append(p)
-            else:
-                groups["scalar"].append(p)
+    for m in model.modules():
+        groups["muon" if isinstance(m, nn.Linear) else "embed" if isinstance(m, nn.Embedding) else "scalar"] += \
+            m.parameters(recurse=False)
     return groups
 
 
@@ -641,15 +576,15 @@ def newton_schulz(g: Tensor, dtype: torch.dtype) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz, lr x sqrt(max(1, rows/cols)), decoupled
-    weight decay x lr), one shape at a time: each rank orthogonalizes an equal slice of the shape's batch
-    and all-gathers the rest asynchronously while the next shape computes, so ranks share the work."""
+    weight decay x lr), one batch per shape: each rank orthogonalizes an equal slice of it and all-gathers
+    the rest while the next shape computes."""
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float):
         super().__init__(list(params), {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         cuda = self.param_groups[0]["params"][0].is_cuda
         self.ns = torch.compile(newton_schulz, dynamic=False) if cuda else newton_schulz
-        # bf16 as torch.optim.Muon on a GPU; float32 on a CPU, where bf16 products are emulated (~60x slower)
+        # bf16 as torch.optim.Muon on a GPU; float32 on a CPU, where bf16 products are often emulated (~60x slower)
         self.ns_dtype = torch.bfloat16 if cuda else torch.float32
 
     @torch.no_grad()
@@ -669,43 +604,42 @@ class Muon(torch.optim.Optimizer):
                 x = torch.zeros(per, *params[0].shape, device=params[0].device)  # this rank's slice, zero-padded
                 for j, i in enumerate(range(self.rank * per, min(len(params), (self.rank + 1) * per))):
                     x[j] = grads[i].lerp(bufs[i], mom)
-                x = self.ns(x, self.ns_dtype).contiguous()  # NCCL gathers dense tensors only (tall ones come back as .mT)
-                out = x if self.world == 1 else torch.empty(per * self.world, *x.shape[1:], dtype=x.dtype, device=x.device)
-                gathers.append((params, out, dist.all_gather_into_tensor(out, x, async_op=True) if self.world > 1 else None))
+                x = self.ns(x, self.ns_dtype).contiguous()  # NCCL gathers dense tensors only (tall ones come as .mT)
+                out = x if self.world == 1 else x.new_empty(per * self.world, *x.shape[1:])
+                handle = dist.all_gather_into_tensor(out, x, async_op=True) if self.world > 1 else None
+                gathers.append((params, out, handle))
             for params, out, handle in gathers:
                 if handle is not None:
                     handle.wait()
                 rows, cols = params[0].shape
                 torch._foreach_mul_(params, 1 - lr * wd)
-                torch._foreach_add_(params, list(out[:len(params)].float().unbind(0)), alpha=-lr * math.sqrt(max(1, rows / cols)))
+                scale = -lr * math.sqrt(max(1, rows / cols))
+                torch._foreach_add_(params, list(out[:len(params)].float().unbind(0)), alpha=scale)
 
 
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
     g = param_groups(model)
     muon = Muon(g["muon"], lr=args.matrix_lr, weight_decay=args.muon_wd, momentum=args.muon_momentum_warmup_start)
-    adam = torch.optim.AdamW([
-        {"params": g["embed"], "lr": args.tied_embed_lr, "weight_decay": args.adam_wd},
-        {"params": g["scalar"], "lr": args.scalar_lr, "weight_decay": 0.0},
-    ], betas=(0.9, 0.95), eps=1e-8, fused=g["embed"][0].is_cuda)
-    for opt in (muon, adam):
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
+    adam = torch.optim.AdamW([{"params": g["embed"], "lr": args.tied_embed_lr, "weight_decay": args.adam_wd},
+                              {"params": g["scalar"], "lr": args.scalar_lr, "weight_decay": 0.0}],
+                             betas=(0.9, 0.95), eps=1e-8, fused=g["embed"][0].is_cuda)
+    for group in muon.param_groups + adam.param_groups:
+        group["base_lr"] = group["lr"]
     return [muon, adam]
 
 
 def set_schedule(optimizers, args: Hyperparameters, step: int, lr_mult: float) -> None:
     frac = min(1.0, step / args.muon_momentum_warmup_steps) if args.muon_momentum_warmup_steps else 1.0
-    momentum = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
             if isinstance(opt, Muon):
-                group["momentum"] = momentum
+                group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
 
 
 def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """1, then linear warmdowns to 0, the lower of two: over the last WARMDOWN_FRAC of the wall-clock
-    budget (the same share of the run on any card), and over the last WARMDOWN_ITERS of ITERATIONS."""
+    """1, then the lower of two linear warmdowns to 0: over the last WARMDOWN_FRAC of the wall-clock budget
+    (the same share of the run on any card) and over the last WARMDOWN_ITERS of ITERATIONS."""
     mult = (args.iterations - step) / args.warmdown_iters if args.warmdown_iters else 1.0
     if args.max_wallclock_seconds > 0 and args.warmdown_frac > 0:
         budget_ms = 1000 * args.max_wallclock_seconds
@@ -718,12 +652,13 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
 
 
 class Timeline:
-    """Points in the device's timeline, and what the host may learn of them: CUDA events on a GPU (recorded
-    in stream order; `done` asks without waiting, `wait` blocks on that one event), the host clock on a CPU,
-    whose work is finished when the call that issued it returns."""
+    """The device's timeline: marks in it (CUDA events on a GPU, in stream order: `done` asks without waiting,
+    `wait` blocks on one; on a CPU the host clock, whose work is done when its call returns), what each step
+    took, and what may still run after a stop flag."""
 
     def __init__(self, cuda: bool):
-        self.cuda = cuda
+        self.cuda, self.start, self.done_ms, self.phases = cuda, None, 0.0, [0.0, 0.0]  # forward+backward, optimizer
+        self.recent = collections.deque(maxlen=16)  # the last steps' times (ms)
 
     def mark(self):
         if not self.cuda:
@@ -742,25 +677,39 @@ class Timeline:
         if self.cuda:
             mark.synchronize()
 
+    def finished(self, marks: list) -> float:
+        """Wait for a step's last mark and record its time; returns the device time since `start` (ms)."""
+        self.wait(marks[-1])
+        now_ms = self.ms(self.start, marks[-1])
+        self.recent.append(now_ms - self.done_ms)
+        self.done_ms = now_ms
+        self.phases = [total + self.ms(a, b) for total, a, b in zip(self.phases, marks, marks[1:])]
+        return now_ms
+
+    def reserve(self, marks: list, previous: list | None, calib_ms: float) -> tuple[float, int, float]:
+        """(ms, steps, slowest): what would still run were the next step flagged rather than this one: the steps in
+        flight (this one and the one before unless finished, and the next, launched before a flag is read), one
+        more, each at the slowest of the last 16, then the calibration."""
+        steps = 2 + sum(not self.done(m[-1]) for m in (marks, previous) if m is not None)
+        slowest = max(self.recent, default=0.0)
+        return steps * slowest + calib_ms, steps, slowest
+
 
 class Trainer:
     def __init__(self, args: Hyperparameters, rt: Runtime, model: GPT, loader: BatchLoader, log: Logger):
         self.args, self.rt, self.model, self.loader, self.log = args, rt, model, loader, log
-        self.optimizers = build_optimizers(model, args)
+        self.optimizers, self.params = build_optimizers(model, args), list(model.parameters())
         use_compile = args.compile if args.compile is not None else rt.is_cuda
         fwd = torch.compile(model, fullgraph=True) if use_compile else model
         self.fwd = (DDP(fwd, device_ids=[rt.local_rank] if rt.is_cuda else None, broadcast_buffers=False)
                     if rt.world_size > 1 else fwd)
-        self.params = list(model.parameters())
         self.clock, self.budget_ms, self.calib_ms = Timeline(rt.is_cuda), 1000 * args.max_wallclock_seconds, 0.0
-        # a step's stop flag is one of two device constants, and its flags reach the host through one of two
-        # pinned buffers (read one step later, before the step after next reuses it): no copy in a step blocks
+        # stop flags are device constants; flags reach the host in two pinned buffers, used in turn: nothing blocks
         self.late_flags = torch.tensor([0.0, 1.0], device=rt.device)
         self.host_flags = [torch.empty(2, pin_memory=True) for _ in range(2)] if rt.is_cuda else None
 
     def accumulate(self, micro_batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Forward and backward over one step's micro-batches. Leaves the gradient of the mean loss over
-        the whole batch (DDP averages over ranks in the last backward); returns this rank's mean loss."""
+        """The gradient of the mean loss over the whole step (DDP averages ranks); returns this rank's mean loss."""
         total = torch.zeros((), device=self.rt.device)
         for k, (x, y) in enumerate(micro_batches):
             sync = k == len(micro_batches) - 1 or self.rt.world_size == 1
@@ -771,8 +720,7 @@ class Trainer:
         return total / len(micro_batches)
 
     def step(self, step: int, lr_mult: float) -> tuple[Tensor, list]:
-        """One optimizer step over all accumulation micro-batches: this rank's mean loss, and the marks
-        before forward+backward, before the optimizer and after it."""
+        """One optimizer step: this rank's mean loss, and marks before forward+backward, the optimizer and after."""
         set_schedule(self.optimizers, self.args, step, lr_mult)
         micro_batches = self.loader.next_step()
         marks = [self.clock.mark()]
@@ -787,24 +735,13 @@ class Trainer:
         self.loader.prefetch()  # the host reads the next batch while the device works on this one
         return loss, marks
 
-    def snapshot(self):
-        return (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
-                self.loader.stream.state())
-
-    def restore(self, snap) -> None:
-        self.model.load_state_dict(snap[0])
-        for opt, state in zip(self.optimizers, snap[1]):
-            opt.load_state_dict(state)
-        self.loader.stream.restore(snap[2])
-        self.loader.ahead = None
-
     def warmup(self) -> None:
         """Compile and warm up on real steps, and time the export's calibration on the real shapes (eager, as
         it runs after training) for the stop rule; then undo it all: weights, optimizer state, data position."""
         if not self.args.warmup_steps and not self.budget_ms:
             return
-        snap = self.snapshot()
-        t0 = time.perf_counter()
+        model, opts = copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        stream, t0 = self.loader.stream.state(), time.perf_counter()
         for i in range(self.args.warmup_steps):
             self.step(i, 1.0)
         self.rt.sync()
@@ -812,44 +749,46 @@ class Trainer:
         if self.budget_ms:
             calibrate(self.model, self.loader.next_step(), self.rt, math.inf)
             self.calib_ms = 1000 * (time.perf_counter() - t0)
-        self.restore(snap)
-        self.log(f"warmup_steps:{self.args.warmup_steps} warmup_ms:{warm_ms:.0f} calibration_ms:{self.calib_ms:.0f} (undone)")
+        self.model.load_state_dict(model)
+        for opt, state in zip(self.optimizers, opts):
+            opt.load_state_dict(state)
+        self.loader.stream.restore(stream)
+        self.loader.ahead = None
+        self.log(f"warmup_steps:{self.args.warmup_steps} warmup_ms:{warm_ms:.0f} "
+                 f"calibration_ms:{self.calib_ms:.0f} (undone)")
 
     def train(self) -> dict:
         """The steps (run_steps), then the EMA weights, calibrated on the next training batch inside the budget."""
-        rt = self.rt
-        rt.sync()
-        self.t0, self.start = time.perf_counter(), self.clock.mark()
+        self.rt.sync()
+        self.t0, self.clock.start = time.perf_counter(), self.clock.mark()
         ema, steps = self.run_steps()
         with torch.no_grad():
             for p, e in zip(self.params, ema):
                 p.copy_(e.to(p.dtype))
-        calib = calibrate(self.model, self.loader.next_step(), rt,
+        calib = calibrate(self.model, self.loader.next_step(), self.rt,
                           self.t0 + self.budget_ms / 1000 if self.budget_ms else math.inf)
         total_ms = 1000 * (time.perf_counter() - self.t0)
-        self.log(f"calibration tokens:{calib['tokens']} ms:{total_ms - self.done_ms:.0f} reserved_ms:{self.calib_ms:.0f} "
-                 f"train_total_ms:{total_ms:.0f}")
-        if rt.is_cuda:
+        self.log(f"calibration tokens:{calib['tokens']} ms:{total_ms - self.clock.done_ms:.0f} "
+                 f"reserved_ms:{self.calib_ms:.0f} train_total_ms:{total_ms:.0f}")
+        if self.rt.is_cuda:
             self.log(f"peak_memory_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}")
         return {"steps": steps, "train_seconds": total_ms / 1000, "calib": calib}
 
     def run_steps(self) -> tuple[list[Tensor], int]:
-        """Steps until ITERATIONS or the stop rule, with no host synchronization: each step's loss and stop
-        flag reach the host by a non-blocking copy, read one step later once that step's last event has
-        passed, so the device always has the next step queued. Returns the EMA weights and the step count."""
+        """(EMA weights, steps) of steps until ITERATIONS or the stop rule, with no host synchronization: a step's
+        loss and stop flag are read one step later, so the device always has the next step queued."""
         args = self.args
         ema = [p.detach().float().clone() for p in self.params]
-        self.recent, self.phases, self.done_ms = collections.deque(maxlen=16), [0.0, 0.0], 0.0
         step, stop, pending = 0, False, None
         while True:
             launched = None
             if step < args.iterations and not stop:
-                mult = lr_multiplier(args, step, self.done_ms)
+                mult = lr_multiplier(args, step, self.clock.done_ms)
                 local_loss, marks = self.step(step, mult)
                 decay = min(args.ema_decay, (1 + step) / (10 + step))  # warms up: no init weights in short runs
                 torch._foreach_lerp_(ema, [p.detach().float() for p in self.params], 1 - decay)
                 step += 1
-                reserve = self.reserve(marks, pending)
+                reserve = self.clock.reserve(marks, pending and pending[3], self.calib_ms)
                 late = self.budget_ms > 0 and 1000 * (time.perf_counter() - self.t0) + reserve[0] > self.budget_ms
                 flags = self.rt.all_reduce(torch.stack((local_loss, self.late_flags[int(late)])))  # one collective
                 host = flags if self.host_flags is None else self.host_flags[step % 2].copy_(flags, non_blocking=True)
@@ -862,33 +801,19 @@ class Trainer:
                          f"and the calibration ({self.calib_ms:.0f} ms) would end past "
                          f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g}")
             if launched is None:
-                break
+                return ema, step
             pending = launched
-        return ema, step
-
-    def reserve(self, marks: list, pending: tuple | None) -> tuple[float, int, float]:
-        """What would still run past now (ms) were this step not flagged but the next one: the steps in flight
-        (this one and the one before, unless the device has finished them), the next (launched before a flag
-        is read) and the one after, each at the slowest of the last 16 steps, then the calibration as timed
-        in warm-up. Flagging once that crosses the budget keeps the end inside it. Also: steps and the slowest."""
-        ends = (marks[-1], pending[3][-1]) if pending else (marks[-1],)
-        steps, slowest = 2 + sum(not self.clock.done(m) for m in ends), max(self.recent, default=0.0)
-        return steps * slowest + self.calib_ms, steps, slowest
 
     def finish(self, step: int, mult: float, host: Tensor, marks: list, reserve: tuple) -> bool:
         """A launched step's end: its loss and stop flag read, its time taken, its line logged."""
-        self.clock.wait(marks[-1])
+        now_ms = self.clock.finished(marks)
         loss, stop = host.tolist()
-        loss /= self.rt.world_size
-        now_ms = self.clock.ms(self.start, marks[-1])  # when the device finished this step
-        self.recent.append(now_ms - self.done_ms)
-        self.done_ms = now_ms
-        self.phases = [total + self.clock.ms(a, b) for total, a, b in zip(self.phases, marks, marks[1:])]
         if step % self.args.train_log_every == 0 or step == 1 or stop or step == self.args.iterations:
-            fb, opt = (x / step for x in self.phases)
-            self.log(f"step:{step}/{self.args.iterations} train_loss:{loss:.4f} lr_mult:{mult:.4f} "
-                     f"step_ms:{now_ms / step:.2f} fwd_bwd_ms:{fb:.2f} opt_ms:{opt:.2f} other_ms:{now_ms / step - fb - opt:.2f} "
-                     f"tok_s:{self.args.train_batch_tokens * step / (now_ms / 1000):.0f} train_time_ms:{now_ms:.0f}")
+            (fb, opt), step_ms = (x / step for x in self.clock.phases), now_ms / step
+            self.log(f"step:{step}/{self.args.iterations} train_loss:{loss / self.rt.world_size:.4f} "
+                     f"lr_mult:{mult:.4f} step_ms:{step_ms:.2f} fwd_bwd_ms:{fb:.2f} opt_ms:{opt:.2f} "
+                     f"other_ms:{step_ms - fb - opt:.2f} tok_s:{1000 * self.args.train_batch_tokens / step_ms:.0f} "
+                     f"train_time_ms:{now_ms:.0f}")
         return stop > 0
 
 
@@ -901,8 +826,8 @@ FP16_MAX_ELEMENTS = 8192
 
 
 def quant_levels(name: str, t: Tensor) -> int:
-    """Default qmax of a tensor (0: keep fp16). int5 for MLP matrices, int6 for attention, the bigram
-    projection and the bigram table; the tied embedding (also the output head) and small tensors fp16."""
+    """Default qmax (0: fp16): int5 for MLP matrices, int6 for attention and the bigram table and projection;
+    the tied embedding (also the output head) and small tensors stay fp16."""
     if t.ndim != 2 or t.numel() <= FP16_MAX_ELEMENTS or name == "tok_emb.weight":
         return 0
     return 15 if ".mlp." in name else 31
@@ -913,8 +838,7 @@ def fp16_scale(scale: Tensor) -> Tensor:
 
 
 def finest_steps(w: Tensor, qmax: int) -> Tensor:
-    """Each row's finest step in the range ±qmax: of the clip ratios, the one with the least squared
-    error, the step rounded to fp16 as it is stored."""
+    """Each row's finest step in ±qmax: the clip ratio of least squared error, rounded to fp16 as stored."""
     w = w.float()
     row_max, best_s, best_err = w.abs().amax(dim=1), None, math.inf
     for ratio in CLIP_RATIOS:
@@ -928,26 +852,23 @@ def finest_steps(w: Tensor, qmax: int) -> Tensor:
 FIT_MARGIN = 0.0025  # aim this far under the limit; accept up to twice as far
 
 
-def _gram_hook(gram: Tensor):
-    def hook(module, inputs):
-        x = inputs[0].detach().flatten(0, -2).float()
-        gram.addmm_(x.T, x)
-    return hook
-
-
 def calibrate(model: GPT, micro_batches, rt: Runtime, deadline: float) -> dict:
-    """What the export learns from training data: {"tokens": how many, "tensors": per quantized matrix,
-    `fisher`, each row's summed squared gradient under labels drawn from the model itself (in
-    expectation, the curvature a rounding error in that row meets), and for linear layers `gram`, the
-    Gram matrix of its inputs (for error-compensating rounding)}. Summed over micro-batches and ranks;
-    micro-batches stop once the next would end past `deadline` (perf_counter time; the first runs)."""
+    """Per quantized matrix, summed over micro-batches and ranks: `fisher`, each row's squared gradient under
+    labels drawn from the model (the curvature its rounding meets), and for linear layers `gram`, its inputs'
+    Gram matrix (for GPTQ). Micro-batches stop once the next would end past `deadline` (the first runs)."""
+    def gram_hook(gram: Tensor):
+        def hook(module, inputs):
+            x = inputs[0].detach().flatten(0, -2).float()
+            gram.addmm_(x.T, x)
+        return hook
+
     stats, hooks, params = {}, [], dict(model.named_parameters())
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)) and quant_levels(name + ".weight", mod.weight):
             st = stats[name + ".weight"] = {"fisher": torch.zeros(mod.weight.shape[0], device=rt.device)}
             if isinstance(mod, nn.Linear):
                 st["gram"] = torch.zeros(mod.in_features, mod.in_features, device=rt.device)
-                hooks.append(mod.register_forward_pre_hook(_gram_hook(st["gram"])))
+                hooks.append(mod.register_forward_pre_hook(gram_hook(st["gram"])))
     count = torch.zeros((), device=rt.device)
     try:
         for x, _ in micro_batches:
@@ -971,19 +892,16 @@ def calibrate(model: GPT, micro_batches, rt: Runtime, deadline: float) -> dict:
 
 
 def gptq_factor(gram: Tensor) -> Tensor:
-    """The upper Cholesky factor of the inverse of the inputs' Gram matrix, damped by 1% of its mean
-    diagonal: what error-compensating rounding spreads each column's error by. Fixed per tensor."""
+    """Upper Cholesky factor of the inverse input Gram matrix (damped by 1% of its mean diagonal)."""
     damp = 0.01 * float(gram.diagonal().mean()) or 1.0
     h = gram.double() + damp * torch.eye(len(gram), dtype=torch.float64)
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
 
 
 def gptq_codes(w: Tensor, scale: Tensor, qmax: Tensor, u: Tensor, block: int = 128) -> Tensor:
-    """Error-compensating rounding (GPTQ, Frantar et al. 2022) at fixed per-row steps: columns are
-    rounded in turn, and each one's error is spread over the columns still to come in the proportions
-    that least change the layer's output on the calibration inputs (u = gptq_factor of their Gram).
-    Batched over a leading dimension (matrices of one shape): w [B, rows, cols], scale [B, rows],
-    qmax [B], u [B, cols, cols]."""
+    """GPTQ (Frantar et al. 2022) at fixed per-row steps: columns rounded in turn, each one's error spread over
+    the columns to come as least changes the layer's output on the calibration inputs. Batched over matrices
+    of one shape: w [B, rows, cols], scale [B, rows], qmax [B], u [B, cols, cols] (gptq_factor)."""
     w, lim = w.float().clone(), qmax.float()[:, None]
     q = torch.empty_like(w)
     for i in range(0, w.shape[-1], block):
@@ -998,7 +916,7 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: Tensor, u: Tensor, block: int = 1
 
 
 def code_entropy_bytes(q: Tensor) -> float:
-    """Order-0 entropy of a tensor's codes, in bytes: what an entropy coder needs, near what zstd takes."""
+    """Order-0 entropy of a tensor's codes in bytes: what an entropy coder needs, near what zstd takes."""
     p = torch.bincount(q.flatten().long() + 128, minlength=256).double() / q.numel()
     return float(-(p[p > 0] * p[p > 0].log2()).sum()) * q.numel() / 8
 
@@ -1007,13 +925,9 @@ QMAX_LADDER = (15, 31, 63, 127)  # int5, int6, int7, int8: the codes are stored 
 
 
 class BudgetFit:
-    """Every row's quantization step, from one trade-off for the whole artifact. At multiplier c a row's
-    step is c / sqrt(a), a its Fisher information per weight: with the loss of a row growing as
-    a*n*step^2/12 and its bytes as n*(h - log2 step)/8, that puts the marginal loss per byte equal in
-    every row, the least loss for the bytes. Steps stay between the finest the row's code range allows
-    (the clip search) and half the row's largest weight. A tensor keeps its default range unless most
-    of its rows want finer steps than that range holds: then it moves up the ladder (int5 -> int6 ->
-    int7 -> int8) as far as they do. Without statistics every weight counts the same."""
+    """Every row's step from one trade-off for the whole artifact (README, budget fit): step = c / sqrt(Fisher
+    per weight), between the finest its range allows and half its largest weight; a tensor moves up the ladder
+    (int5 -> int8) while most of its rows want finer steps. Without statistics every weight counts the same."""
 
     def __init__(self, state: dict[str, Tensor], stats: dict | None):
         self.fixed, self.rows = {}, {}
@@ -1070,8 +984,8 @@ class BudgetFit:
                    if kind == "int")
 
     def solve(self, factor: float, target: float) -> tuple[float, float]:
-        """The smallest log c (the finest steps) whose fp16 frames plus `factor` x the estimate fit
-        `target`; bisected to 1/65536 of the range. Returns (log c, unscaled estimate)."""
+        """(log c, unscaled estimate) of the finest steps whose fp16 frames plus `factor` x the estimate fit
+        `target`, bisected to 1/65536 of the range."""
         lo, hi = self.bounds
         best = (lo, self.estimate(math.exp(lo)))
         if self.fixed_bytes + best[1] * factor > target:
@@ -1083,10 +997,9 @@ class BudgetFit:
         return best
 
     def fit(self, limit: int, config: dict, gptq: bool) -> tuple[bytes, dict]:
-        """The finest plan whose real artifact fits `limit`: each real zstd pass rescales the estimate,
-        until one lands within 2*FIT_MARGIN under the limit (or is the finest plan). A range move can
-        jump the size over that window; then, after at most 3 passes (the last aiming 1% under, to be safe),
-        the largest artifact that fitted."""
+        """The finest plan whose real artifact fits `limit`: each zstd pass rescales the estimate until one lands
+        within 2*FIT_MARGIN under it (or is the finest plan); else, after 3 passes (the last aiming 1% under),
+        the largest that fitted (a range move can jump the size over the window)."""
         factor, best, tried = 1.0, None, set()
         for passes in range(1, 4):
             lc, predicted = self.solve(factor, limit * (1 - FIT_MARGIN * (4 if passes == 3 else 1)))
@@ -1111,17 +1024,10 @@ class BudgetFit:
                       "sizes": sizes, "quantized": quantized}
 
 
-def dequantize_state(quantized: dict[str, tuple]) -> dict[str, Tensor]:
-    return {name: (q.float() * s.float()[:, None]) if kind == "int" else q.float()
-            for name, (kind, _, q, s) in quantized.items()}
-
-
 def serialize_artifact(quantized: dict[str, tuple], config: dict) -> bytes:
-    """A JSON header (model config; per tensor its name, kind, qmax and shape), then one payload per
-    tensor (its int8 codes and fp16 row scales, or its fp16 values), each compressed as a zstd-22 frame
-    of its own and prefixed by its length. A tensor's bytes depend on that tensor alone, so the fit's
-    estimate holds tensor by tensor (one frame over everything swung by several percent as steps moved).
-    Same weights, same bytes."""
+    """A JSON header (model config; per tensor name, kind, qmax, shape), then per tensor its int8 codes and fp16
+    row scales (or fp16 values), each a length-prefixed zstd-22 frame of its own, so a tensor's bytes depend on
+    it alone and the fit's estimate holds tensor by tensor. Same weights, same bytes."""
     entries = [[name, kind, qmax, list(q.shape)] for name, (kind, qmax, q, _) in quantized.items()]
     header = json.dumps({"format": ARTIFACT_FORMAT, "config": config, "tensors": entries}, sort_keys=True).encode()
     payloads = [header] + [q.contiguous().numpy().tobytes() + (b"" if s is None else s.contiguous().numpy().tobytes())
@@ -1153,7 +1059,8 @@ def read_artifact(path: str) -> tuple[dict, list[bytes]]:
         with open(path, "rb") as f:
             frames = split_frames(f.read())
         header = json.loads(zstandard.ZstdDecompressor().decompress(frames[0]) if frames else b"")
-        if not isinstance(header, dict) or header.get("format") != ARTIFACT_FORMAT or not isinstance(header.get("config"), dict):
+        if not (isinstance(header, dict) and header.get("format") == ARTIFACT_FORMAT
+                and isinstance(header.get("config"), dict)):
             raise ValueError(f"not a {ARTIFACT_FORMAT} artifact")
         if len(header["tensors"]) != len(frames) - 1:
             raise ValueError(f"{len(header['tensors'])} tensors in the header, {len(frames) - 1} frames")
@@ -1163,26 +1070,28 @@ def read_artifact(path: str) -> tuple[dict, list[bytes]]:
 
 
 def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
-    """Returns (model config, dequantized state). Anything malformed is a UsageError naming the file."""
+    """(model config, dequantized state); anything malformed is a UsageError naming the file."""
     header, frames = read_artifact(path)
     try:
-        quantized = {}
+        state = {}
         for (name, kind, qmax, shape), frame in zip(header["tensors"], frames):
             raw, numel = zstandard.ZstdDecompressor().decompress(frame), math.prod(shape)
             rows = shape[0] if kind == "int" else 0
             if len(raw) != (numel + 2 * rows if kind == "int" else 2 * numel):
                 raise ValueError(f"tensor {name} holds {len(raw)} bytes")
-            q = np.frombuffer(raw, np.int8 if kind == "int" else np.float16, numel).reshape(shape)
-            s = torch.from_numpy(np.frombuffer(raw, np.float16, rows, numel).copy()) if rows else None
-            quantized[name] = (kind, qmax, torch.from_numpy(q.copy()), s)
+            if kind == "int":
+                q = torch.from_numpy(np.frombuffer(raw, np.int8, numel).reshape(shape).copy()).float()
+                state[name] = q * torch.from_numpy(np.frombuffer(raw, np.float16, rows, numel).copy()).float()[:, None]
+            else:
+                state[name] = torch.from_numpy(np.frombuffer(raw, np.float16, numel).reshape(shape).copy()).float()
     except ARTIFACT_ERRORS as e:
         raise UsageError(f"artifact {path} is corrupt ({type(e).__name__}: {e})") from None
-    return header["config"], dequantize_state(quantized)
+    return header["config"], state
 
 
 def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict | None, log: Logger) -> None:
-    """Fit, compress and write the artifact on rank 0 while the others wait; log what the fit chose.
-    A stale file at ARTIFACT_PATH is removed first, so a failed fit leaves no artifact behind."""
+    """Fit, compress and write the artifact on rank 0 while the others wait, and log what the fit chose (real bytes
+    per weight by group; tensors moved up the ladder). A failed fit leaves no artifact, not even a stale one."""
     error = None
     if rt.master:
         t0 = time.perf_counter()
@@ -1194,7 +1103,19 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
             blob, info = BudgetFit(model.state_dict(), stats).fit(limit, args.model_config(), args.export_gptq)
             with open(args.artifact_path, "wb") as f:
                 f.write(blob)
-            log_export(info, limit, 1000 * (time.perf_counter() - t0), stats, args, log)
+            groups = {}
+            for name, (kind, qmax, q, _) in info["quantized"].items():
+                g = next((g for g, key in (("mlp", ".mlp."), ("attn", ".attn."), ("bigram", "bigram."),
+                                           ("embed", "tok_emb.")) if key in name), "other")
+                groups[g] = [a + b for a, b in zip(groups.get(g, (0, 0)), (info["sizes"][name], q.numel()))]
+            moved = [f"{n}:int{QMAX_LADDER.index(qmax) + 5}" for n, (kind, qmax, q, _) in info["quantized"].items()
+                     if kind == "int" and qmax != quant_levels(n, q)]
+            log(f"export bytes_model:{info['bytes']} predicted:{info['predicted']} limit:{limit} "
+                f"passes:{info['passes']} c:{info['c']:.4e} gptq:{int(args.export_gptq)} "
+                f"calib_tokens:{stats['tokens'] if stats else 0} "
+                f"export_ms:{1000 * (time.perf_counter() - t0):.0f} bits_per_weight "
+                + " ".join(f"{g}:{8 * b / n:.3f}" for g, (b, n) in sorted(groups.items()))
+                + f" moved:{','.join(moved) or 'none'}")
         except EvalFailure as e:
             error = f"{e} (ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes} less {code_bytes} bytes of code)"
     failed = rt.all_reduce(torch.tensor(float(error is not None), device=rt.device)).item()  # also the barrier
@@ -1202,24 +1123,9 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
         raise EvalFailure(error or "the export failed on rank 0")
 
 
-def log_export(info: dict, limit: int, ms: float, stats: dict | None, args: Hyperparameters, log: Logger) -> None:
-    groups = {}
-    for name, (kind, qmax, q, _) in info["quantized"].items():
-        g = ("mlp" if ".mlp." in name else "attn" if ".attn." in name else "bigram" if name.startswith("bigram.")
-             else "embed" if name == "tok_emb.weight" else "other")
-        nbytes, count = groups.get(g, (0.0, 0))
-        groups[g] = (nbytes + info["sizes"][name], count + q.numel())
-    moved = [f"{n}:int{QMAX_LADDER.index(qmax) + 5}" for n, (kind, qmax, q, _) in info["quantized"].items()
-             if kind == "int" and qmax != quant_levels(n, q)]
-    bits = " ".join(f"{g}:{8 * b / n:.3f}" for g, (b, n) in sorted(groups.items()))
-    log(f"export bytes_model:{info['bytes']} predicted:{info['predicted']} limit:{limit} passes:{info['passes']} "
-        f"c:{info['c']:.4e} gptq:{int(args.export_gptq)} calib_tokens:{stats['tokens'] if stats else 0} "
-        f"export_ms:{ms:.0f} bits_per_weight {bits} moved:{','.join(moved) or 'none'}")
-
-
 def account_artifact(args: Hyperparameters, n_params: int, log: Logger) -> dict:
-    """Code bytes (train_gpt.py as it runs) + artifact bytes, both read from disk. Over the cap is a
-    failure, raised only after the artifact and this log line exist."""
+    """Code bytes (train_gpt.py as it runs) + artifact bytes, read from disk; over the cap is a failure, raised
+    after the artifact and this log line exist."""
     code_bytes, model_bytes = os.path.getsize(os.path.abspath(__file__)), os.path.getsize(args.artifact_path)
     sizes = {"bytes_code": code_bytes, "bytes_model": model_bytes, "bytes_total": code_bytes + model_bytes}
     log(f"artifact bytes_code:{code_bytes} bytes_model:{model_bytes} bytes_total:{sizes['bytes_total']} "
@@ -1236,7 +1142,8 @@ def load_artifact_model(args: Hyperparameters, rt: Runtime) -> GPT:
     model = GPT(args).to(rt.device)
     missing = set(model.state_dict()) ^ set(state)
     if missing:
-        raise UsageError(f"artifact {args.artifact_path} is corrupt: tensors {sorted(missing)[:4]} do not match the model")
+        raise UsageError(f"artifact {args.artifact_path} is corrupt: tensors {sorted(missing)[:4]} "
+                         "do not match the model")
     model.load_state_dict(state)
     return model.eval()
 
@@ -1246,17 +1153,16 @@ def load_artifact_model(args: Hyperparameters, rt: Runtime) -> GPT:
 
 
 def window_plan(n_tokens: int, seq_len: int, stride: int) -> Tensor:
-    """Window ends. Window w feeds tokens [max(0, end_w - seq_len), end_w) and scores the targets at
-    positions (end_{w-1}, end_w] (end_{-1} = 0): every target 1..N-1 exactly once, the first window
-    all its positions, each later one only the positions no earlier window scored."""
+    """Window ends: window w feeds tokens [max(0, end_w - seq_len), end_w) and scores the targets in
+    (end_{w-1}, end_w] (end_{-1} = 0), so every target 1..N-1 is scored exactly once."""
     last = n_tokens - 1
     first = min(seq_len, last)
     return torch.cat((torch.arange(first, last, stride), torch.tensor([last])))
 
 
 def group_sort(keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One stable sort of `keys`: the permutation, where each run of equal keys starts (in sorted
-    order), and each entry's rank within its run, which is its count of earlier equal keys."""
+    """One stable sort: the permutation, where runs of equal keys start (sorted order), and each entry's rank
+    in its run, which is its count of earlier equal keys."""
     perm = torch.argsort(keys, stable=True)
     sorted_keys = keys[perm]
     idx = torch.arange(len(keys), device=keys.device)
@@ -1273,12 +1179,9 @@ class NgramTables(NamedTuple):
 
 
 def ngram_tables(tokens: Tensor, vocab: int, min_order: int, max_order: int, min_count: int) -> NgramTables:
-    """For every position t, counting only earlier positions s < t: the highest order whose context
-    was seen min_count times, chosen from context counts alone, and its statistics. Contexts get exact
-    dense ids: the k-token context ending at i is re-ranked from (the (k-1)-token id at i-1, token i),
-    so no two contexts share a count. One stable sort per order serves twice: its ranks are the joint
-    counts c(ctx, x_t) of order k and the context counts of order k+1. Positions whose context would
-    start before the stream get unique negative keys, so they only ever count as themselves."""
+    """At every position t, from earlier positions only: the highest order whose context was seen min_count times
+    (context counts alone) and its statistics. Exact dense context ids, re-ranked per order; one stable sort per
+    order gives its joint counts and the next order's context counts (README, n-gram mixing)."""
     n, dev = len(tokens), tokens.device
     out = NgramTables(torch.zeros(n, dtype=torch.int8, device=dev), torch.zeros(n, dtype=torch.float64, device=dev),
                       torch.zeros(n, dtype=torch.int64, device=dev), torch.zeros(n, dtype=torch.int64, device=dev))
@@ -1310,14 +1213,14 @@ def ngram_tables(tokens: Tensor, vocab: int, min_order: int, max_order: int, min
 
 def ngram_alpha(entropy: Tensor, args: Hyperparameters) -> Tensor:
     """The fixed, entropy-adaptive mixing weight: more n-gram where the model is unsure."""
-    return args.ngram_ent_base + args.ngram_ent_range * torch.sigmoid(args.ngram_ent_scale * (entropy - args.ngram_ent_thresh))
+    return args.ngram_ent_base + args.ngram_ent_range * torch.sigmoid(
+        args.ngram_ent_scale * (entropy - args.ngram_ent_thresh))
 
 
 def mixer_inputs(order: Tensor, count: Tensor, top: Tensor, entropy: Tensor, top_p: Tensor,
                  args: Hyperparameters) -> tuple[Tensor, Tensor]:
-    """Features of matched positions, all known before x_t: one-hot order, log c(ctx), the share of its
-    most frequent continuation, the model's entropy and top probability. The offset is the fixed
-    mixer's logit, so weights at zero give exactly the fixed alpha (clipped to (1e-6, 1 - 1e-6))."""
+    """Features known before x_t (one-hot order, log c(ctx), the top continuation's share, the model's entropy
+    and top probability) and the offset, the fixed alpha's logit: weights at zero give the fixed alpha."""
     one_hot = F.one_hot(order.long() - args.ngram_min_order, args.ngram_max_order - args.ngram_min_order + 1)
     c = count.double()
     phi = torch.cat((one_hot.double(), torch.stack((c.log(), top / c, entropy, top_p), 1)), 1)
@@ -1328,36 +1231,31 @@ def mixture_nll(z: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
     return -torch.log(p_model + torch.sigmoid(z) * (p_ng - p_model))
 
 
-class LearnedMixer:
-    """alpha_t = trust_t * sigmoid(offset_t + w . phi_t). w is refitted at chunk boundaries on the matched
-    positions already scored (score first): chunk j uses weights fitted on positions before it only.
-    Chunks grow from NGRAM_MIX_FIRST targets, doubling up to NGRAM_MIX_CHUNK; each refit takes
-    NGRAM_MIX_STEPS damped Newton steps from the previous weights on up to NGRAM_MIX_CHUNK earlier
-    positions (an even stride over all of them), with an L2 pull to zero (the fixed mixer).
-    trust_t is the posterior, given the targets before t, that the learned mixture rather than the model
-    alone is the better predictor (prior 1/2): sigmoid of the summed log-likelihood ratio so far. The
-    result is the Bayesian average of the two, whose log loss over the stream is within log 2 nats (one
-    bit, in all) of the better one's: the mixture can never cost more than one bit against the model.
-    Deterministic and run identically on every rank over the whole stream."""
+class NgramMixer:
+    """alpha_t = trust_t * sigmoid(offset_t + w . phi_t) over the whole stream, the same on every rank. Learned: w
+    refitted at chunk ends on targets already scored, trust_t the posterior that the mixture beat the model alone
+    before t, so it never costs over a bit in all (README). Fixed: w = 0 and trust 1, the entropy alpha itself."""
 
     def __init__(self, args: Hyperparameters, device):
-        self.args, self.bounds = args, [1]
+        self.args, self.bounds, self.learn = args, [1], args.ngram_mixer == "learned"
         n_features = args.ngram_max_order - args.ngram_min_order + 5  # mixer_inputs: one-hot order + 4
         self.weights = [torch.zeros(n_features, dtype=torch.float64, device=device)]
 
     @staticmethod
     def alpha(offset: Tensor, phi: Tensor, w: Tensor) -> Tensor:
-        """The learned weight before the trust, kept below 1 - 1e-6: the model's share never vanishes, so
-        no target gets probability 0 (and the trust's evidence stays finite)."""
+        """The weight before the trust, below 1 - 1e-6: no target gets probability 0, the evidence stays finite."""
         return torch.sigmoid(offset + phi @ w).clamp(max=1 - 1e-6)
 
     def weights_at(self, t: int) -> Tensor:
         return self.weights[bisect.bisect_right(self.bounds, t) - 1]
 
-    def trust_at(self, t: int) -> Tensor:
-        return torch.sigmoid(self.evidence[int(torch.searchsorted(self.pos, t))])
+    def alpha_at(self, t: int, phi: Tensor, offset: Tensor) -> Tensor:
+        """The weight in force at matched target t, from its features: the audit's recomputation."""
+        trust = torch.sigmoid(self.evidence[int(torch.searchsorted(self.pos, t))])
+        return trust * self.alpha(offset, phi, self.weights_at(t))
 
     def fit(self, w: Tensor, phi: Tensor, offset: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
+        """NGRAM_MIX_STEPS damped Newton steps on the mixture's log loss, with an L2 pull to zero (the fixed alpha)."""
         lam = self.args.ngram_mix_l2
 
         def loss(w):
@@ -1378,8 +1276,8 @@ class LearnedMixer:
         return w
 
     def alphas(self, feats: tuple, pos: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
-        """alpha at the matched positions `pos` (sorted), fitting as the stream goes; `feats` holds their
-        (order, count, top, entropy, top_p), turned into features a chunk at a time to bound memory."""
+        """alpha at the matched positions `pos` (sorted); `feats` holds their (order, count, top, entropy, top_p).
+        Chunks grow from NGRAM_MIX_FIRST targets to NGRAM_MIX_CHUNK; a refit sees up to that many before it."""
         args, out, start, size, fitted = self.args, torch.empty_like(p_ng), 1, self.args.ngram_mix_first, 0
         end_all = int(pos[-1]) + 1 if len(pos) else 1
         while start < end_all:
@@ -1387,30 +1285,17 @@ class LearnedMixer:
             lo, hi = (int(torch.searchsorted(pos, b)) for b in (start, end))
             phi, offset = mixer_inputs(*(f[lo:hi] for f in feats), args)
             out[lo:hi] = self.alpha(offset, phi, self.weights[-1])
-            if fitted < hi < len(pos):  # refit on everything scored so far, before the next chunk is mixed
+            if self.learn and fitted < hi < len(pos):  # refit on what is scored, before the next chunk is mixed
                 fitted = hi
                 seen = torch.arange(0, hi, -(-hi // args.ngram_mix_chunk), device=pos.device)
                 phi, offset = mixer_inputs(*(f[seen] for f in feats), args)
                 self.weights.append(self.fit(self.weights[-1], phi, offset, p_model[seen], p_ng[seen]))
                 self.bounds.append(end)
             start, size = end, min(2 * size, args.ngram_mix_chunk)
-        gain = torch.log1p(out * (p_ng / p_model - 1))  # log p_mixed - log p_model, the learned mixture's edge
-        self.pos, self.evidence = pos, torch.cumsum(gain, 0) - gain  # summed over the targets before each
+        gain = torch.log1p(out * (p_ng / p_model - 1))  # log p_mixed - log p_model, the mixture's edge
+        self.pos = pos  # the evidence: summed over the targets before each (fixed: +inf, trust 1)
+        self.evidence = torch.cumsum(gain, 0) - gain if self.learn else torch.full_like(gain, math.inf)
         return out * torch.sigmoid(self.evidence)
-
-
-def window_batch(ends: Tensor, prev_ends: Tensor, seq_len: int, batch: int) -> tuple[Tensor, Tensor]:
-    """Stream positions [batch, length] of a batch of windows, and the flat indices of the positions
-    they score. The last batch is padded with copies that score nothing, so every batch has one
-    (compiled) shape. Built on the host: the device never waits on a data-dependent shape."""
-    n_scored = ends - prev_ends
-    if len(ends) < batch:
-        pad = batch - len(ends)
-        ends, n_scored = torch.cat((ends, ends[-1:].repeat(pad))), torch.cat((n_scored, n_scored.new_zeros(pad)))
-    length = min(seq_len, int(ends[0]))
-    offs = torch.arange(length)
-    scored = torch.nonzero((offs[None, :] >= (length - n_scored)[:, None]).flatten()).squeeze(1)
-    return (ends - length)[:, None] + offs, scored
 
 
 def eval_forward(model: GPT, args: Hyperparameters, rt: Runtime):
@@ -1424,8 +1309,8 @@ def eval_forward(model: GPT, args: Hyperparameters, rt: Runtime):
 
 
 def eval_logprobs(model: GPT, hidden_fn, inputs: Tensor, rows: Tensor, rt: Runtime) -> Tensor:
-    """float64 log-probabilities at the flat positions `rows` of a batch of windows: the body under the
-    training precision, the head and softmax in float64 (normalized to ~1e-15; the audit checks 1e-6)."""
+    """float64 log-probabilities at the flat positions `rows`: the body in the training precision, the head and
+    softmax in float64, so a row does not depend on its batch (normalized to ~1e-15)."""
     with torch.no_grad():
         with rt.autocast():
             h = hidden_fn(inputs)
@@ -1448,12 +1333,11 @@ SCORE_ROWS = ("nll", "entropy", "top_p", "scored")  # per stream position; the l
 
 def score_windows(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, log: Logger, *, label: str,
                   seq_len: int, stride: int, deadline: Deadline) -> Tensor:
-    """This rank's share of the windows: a flat float64 buffer holding, for every stream position it
-    scored, the model's nll of the target, its entropy and top probability and a 1 (zeros elsewhere),
-    then 1 if the deadline passed. Summed over ranks it is the whole stream: each position has one owner."""
+    """This rank's share of the windows: per stream position it scored the SCORE_ROWS (zeros elsewhere), then 1
+    if the deadline passed. Summed over ranks it is the whole stream: each position has one owner."""
     t0, n_tok = time.perf_counter(), len(val)
     ends = window_plan(n_tok, seq_len, stride)
-    prev_ends = torch.cat((torch.zeros(1, dtype=torch.int64), ends[:-1]))
+    new_targets = ends - torch.cat((torch.zeros(1, dtype=torch.int64), ends[:-1]))  # what each window scores
     lo, hi = len(ends) * rt.rank // rt.world_size, len(ends) * (rt.rank + 1) // rt.world_size
     hidden_fn = eval_forward(model, args, rt)
     buf = torch.zeros(len(SCORE_ROWS) * n_tok + 1, dtype=torch.float64, device=rt.device)
@@ -1463,7 +1347,15 @@ def score_windows(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, l
     for b in range(lo, hi, B):
         if deadline.passed():
             break
-        rows, scored = window_batch(ends[b:min(b + B, hi)], prev_ends[b:min(b + B, hi)], seq_len, B)
+        # the batch's stream positions [B, length] and the flat indices it scores, planned on the host (no data-
+        # dependent shape on the device); a short last batch is padded with windows that score nothing
+        e = min(b + B, hi)
+        batch_ends = torch.cat((ends[b:e], ends[e - 1:e].repeat(B - (e - b))))
+        n_scored = torch.cat((new_targets[b:e], new_targets.new_zeros(B - (e - b))))
+        length = min(seq_len, int(batch_ends[0]))
+        offs = torch.arange(length)
+        scored = torch.nonzero((offs[None, :] >= (length - n_scored)[:, None]).flatten()).squeeze(1)
+        rows = (batch_ends - length)[:, None] + offs
         pos = rt.upload(rows.flatten()[scored] + 1)
         logp = eval_logprobs(model, hidden_fn, val[rt.upload(rows)], rt.upload(scored), rt)
         rows_out[:, pos] = torch.stack((-logp.gather(1, val[pos][:, None]).squeeze(1), -(logp.exp() * logp).sum(-1),
@@ -1478,8 +1370,8 @@ def score_windows(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, l
 
 
 def stream_scores(buf: Tensor, val: Tensor, luts, t0: float) -> dict:
-    """The summed buffer as per-position tensors, and the score. Complete only if every target was
-    scored exactly once and no rank was past the deadline."""
+    """The summed buffer as per-position tensors, and the score: complete only if every target was scored
+    exactly once and no rank was past the deadline."""
     cols = dict(zip(SCORE_ROWS, buf[:-1].view(len(SCORE_ROWS), len(val))))
     scored = cols["scored"][1:]
     n_scored = int(scored.sum().item())
@@ -1493,33 +1385,27 @@ def stream_scores(buf: Tensor, val: Tensor, luts, t0: float) -> dict:
 
 def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger, *, label: str,
              seq_len: int, stride: int, deadline: Deadline) -> dict:
-    """Score every target of `val` (on rt.device) once, in windows split across ranks; every rank ends
-    with the whole stream's per-position scores (one all-reduce)."""
+    """Every target of `val` scored once, windows split across ranks; every rank gets the whole stream."""
     t0 = time.perf_counter()
     buf = score_windows(model, val, args, rt, log, label=label, seq_len=seq_len, stride=stride, deadline=deadline)
     return stream_scores(rt.all_reduce(buf), val, luts, t0)
 
 
 def ngram_mixture(res: dict, tables: NgramTables, args: Hyperparameters) -> dict:
-    """The mixed stream, score first: p = (1 - alpha) p_model + alpha p_ng where a context matched,
-    else p_model exactly. alpha is the fixed entropy sigmoid (NGRAM_MIXER=fixed) or learned causally."""
+    """The mixed stream, score first: p = (1 - alpha) p_model + alpha p_ng where a context matched, else p_model."""
     cols, t0 = res["stream"], time.perf_counter()
     pos = torch.nonzero(tables.order[1:] > 0).flatten() + 1
     p_model, p_ng, feats = torch.exp(-cols["nll"][pos]), tables.p[pos], (
         tables.order[pos], tables.count[pos], tables.top[pos], cols["entropy"][pos], cols["top_p"][pos])
-    mixer = None
-    if args.ngram_mixer == "learned":
-        mixer = LearnedMixer(args, pos.device)
-        alpha = mixer.alphas(feats, pos, p_model, p_ng)
-    else:
-        alpha = ngram_alpha(feats[3], args)
+    mixer = NgramMixer(args, pos.device)
+    alpha = mixer.alphas(feats, pos, p_model, p_ng)
     nll_mixed = cols["nll"].clone()
     nll_mixed[pos] = -torch.log((1 - alpha) * p_model + alpha * p_ng)
     nan = torch.full_like(nll_mixed, math.nan)
     loss = float(nll_mixed.sum().item())
     return dict(res, loss_mixed=loss / max(res["tokens"], 1), bpb_mixed=loss / math.log(2) / max(res["bytes"], 1),
-                nll_mixed=nll_mixed, alpha=nan.index_put((pos,), alpha), mixer=mixer, mix_ms=1000 * (time.perf_counter() - t0),
-                trust=nan.index_put((pos,), torch.sigmoid(mixer.evidence)) if mixer else nan)
+                nll_mixed=nll_mixed, alpha=nan.index_put((pos,), alpha), trust=nan.index_put((pos,), torch.sigmoid(
+                    mixer.evidence)), mixer=mixer, mix_ms=1000 * (time.perf_counter() - t0))
 
 
 def final_line(kind: str, res: dict, which: str = "model") -> str:
@@ -1536,8 +1422,7 @@ AUDIT_TOL = 1e-6  # on every device: both sides are float64 heads on bitwise-equ
 
 
 def audit_positions(order: Tensor, count: int, seed: int) -> list[int]:
-    """Half uniform over all targets, half over targets where an n-gram context matched. The same on
-    every rank and device (numpy draws), in O(count) host memory."""
+    """Half uniform over all targets, half over matched ones; the same on every rank (numpy draws), O(count) memory."""
     rng = np.random.default_rng(seed)
     n = len(order)
     picks = set((rng.choice(n - 1, size=min(count - count // 2, n - 1), replace=False) + 1).tolist())
@@ -1550,8 +1435,7 @@ def audit_positions(order: Tensor, count: int, seed: int) -> list[int]:
 
 
 def brute_force_ngram(tokens: Tensor, t: int, vocab: int, args: Hyperparameters) -> tuple[Tensor | None, int, int]:
-    """The full n-gram distribution at t rebuilt from the prefix tokens[:t] by direct comparison: the
-    continuation counts over the number of matching contexts c(ctx), which is returned with the order."""
+    """(distribution, order, c(ctx)) at t, rebuilt from the prefix tokens[:t] by direct comparison."""
     for n in range(args.ngram_max_order, args.ngram_min_order - 1, -1):
         k = n - 1
         if t < k + 1:
@@ -1565,10 +1449,9 @@ def brute_force_ngram(tokens: Tensor, t: int, vocab: int, args: Hyperparameters)
 
 
 def audit_model_logp(model: GPT, val: Tensor, positions: list[int], args: Hyperparameters, rt: Runtime) -> Tensor:
-    """The model's float64 log-probabilities at each target t, from a forward of its own: the window
-    the plan scores t in, with every token from t on replaced (x -> x+1 mod V), so the row can depend
-    only on tokens before t. The same batch shape and precision as the fast path, so a causal model
-    gives the very hidden state the fast path used; anything that saw x_t or later disagrees."""
+    """The model's float64 log-probabilities at each target t from a forward of its own: t's window with every
+    token from t on replaced (x -> x+1 mod V), in the fast path's batch shape and precision, so a causal model
+    gives the fast path's hidden state and anything that saw x_t or later disagrees."""
     n, B = len(val), args.eval_batch_seqs
     ends = window_plan(n, args.eval_seq_len, args.eval_stride)
     length = min(args.eval_seq_len, n - 1)
@@ -1585,12 +1468,11 @@ def audit_model_logp(model: GPT, val: Tensor, positions: list[int], args: Hyperp
     return torch.cat(out) if out else torch.zeros(0, args.vocab_size, dtype=torch.float64, device=rt.device)
 
 
-def audit_ngram(records: list, logp_rows: Tensor, tokens: Tensor, vocab: int, args: Hyperparameters,
-                mixer: LearnedMixer | None = None, dist_fn=brute_force_ngram) -> dict:
-    """For each record (t, p_fast, order_fast) and its independently computed model row: the mixture
-    of that row with the brute-force n-gram distribution, its alpha recomputed from features taken
-    from the row and the raw counts (with the learned weights of t's chunk), written out here rather
-    than taken from the fast path, must sum to 1, give x_t the fast path's probability, use its order."""
+def audit_ngram(records: list, logp_rows: Tensor, tokens: Tensor, vocab: int, args: Hyperparameters, alpha_at,
+                dist_fn=brute_force_ngram) -> dict:
+    """For each record (t, p_fast, order_fast) and its own model row: the mixture of that row and the brute-force
+    n-gram, alpha recomputed by alpha_at(t, phi, offset) from the row and the raw counts, written out here, must
+    sum to 1, give x_t the fast path's probability and use its order."""
     sum_err, target_err, order_mismatch = 0.0, 0.0, 0
     for (t, p_fast, order_fast), logp in zip(records, logp_rows):
         p_model = logp.exp()
@@ -1598,11 +1480,8 @@ def audit_ngram(records: list, logp_rows: Tensor, tokens: Tensor, vocab: int, ar
         p_mix = p_model
         if dist_ng is not None:
             entropy, c = -(p_model * logp).sum(), torch.tensor(float(count), dtype=torch.float64, device=logp.device)
-            alpha = ngram_alpha(entropy, args)
-            if mixer is not None:
-                feats = (torch.tensor(order, device=logp.device), c, torch.round(dist_ng.max() * c), entropy, p_model.max())
-                phi, offset = mixer_inputs(*(v.reshape(1) for v in feats), args)
-                alpha = mixer.trust_at(t) * mixer.alpha(offset, phi, mixer.weights_at(t))[0]
+            feats = (torch.tensor(order, device=logp.device), c, torch.round(dist_ng.max() * c), entropy, p_model.max())
+            alpha = alpha_at(t, *mixer_inputs(*(v.reshape(1) for v in feats), args))[0]
             p_mix = (1 - alpha) * p_model + alpha * dist_ng
         sum_err = max(sum_err, abs(float(p_mix.sum()) - 1.0))
         target_err = max(target_err, abs(float(p_mix[tokens[t]]) - p_fast))
@@ -1613,37 +1492,37 @@ def audit_ngram(records: list, logp_rows: Tensor, tokens: Tensor, vocab: int, ar
 
 def run_audit(model: GPT, val: Tensor, mixed: dict, tables: NgramTables, picks: list[int], args: Hyperparameters,
               rt: Runtime, deadline: Deadline) -> dict:
-    """Each rank audits every world_size-th sampled position against the fast path's mixed stream; the
-    reports are merged on every rank."""
+    """Each rank audits every world_size-th sampled position; the reports are merged on every rank."""
     mine = picks[rt.rank::rt.world_size]
     records = [(t, math.exp(-float(mixed["nll_mixed"][t])), int(tables.order[t])) for t in mine]
     rows = audit_model_logp(model, val, mine, args, rt)
-    parts = rt.gather_objects(dict(audit_ngram(records, rows, val, args.vocab_size, args, mixed["mixer"]),
+    parts = rt.gather_objects(dict(audit_ngram(records, rows, val, args.vocab_size, args, mixed["mixer"].alpha_at),
                                    late=deadline.passed()))
     return {"positions": sum(p["positions"] for p in parts), "order_mismatch": sum(p["order_mismatch"] for p in parts),
-            "max_sum_err": max(p["max_sum_err"] for p in parts), "max_target_err": max(p["max_target_err"] for p in parts),
+            **{k: max(p[k] for p in parts) for k in ("max_sum_err", "max_target_err")},
             "late": any(p["late"] for p in parts)}
 
 
 def write_dump(path: str, val: Tensor, res: dict, tables: NgramTables | None) -> None:
-    """Per target t = 1..N-1: the model's nll, entropy and top probability; the n-gram's order, c(ctx),
-    max_v c(ctx, v) and p_ng(x_t); alpha, the learned mixer's trust and the mixed nll (NaN / the model's
-    nll where unmatched)."""
+    """Per target t = 1..N-1: the model's nll, entropy, top probability; the n-gram's order, c(ctx), top count,
+    p_ng(x_t); alpha, the trust and the mixed nll (NaN / the model's nll where unmatched)."""
     cols, n = res["stream"], len(val)
     if tables is None:
-        tables = NgramTables(*(torch.zeros(n, dtype=d, device=val.device) for d in (torch.int8, torch.float64, torch.int64, torch.int64)))
+        tables = NgramTables(*(torch.zeros(n, dtype=d, device=val.device)
+                               for d in (torch.int8, torch.float64, torch.int64, torch.int64)))
     out = {"pos": torch.arange(n), "target": val, "nll_model": cols["nll"], "entropy": cols["entropy"],
            "top_p": cols["top_p"], "order": tables.order.long(), "count": tables.count, "top": tables.top,
            "p_ng": torch.where(tables.order > 0, tables.p, math.nan),
-           "alpha": res.get("alpha", torch.full_like(cols["nll"], math.nan)), "nll_mixed": res.get("nll_mixed", cols["nll"]),
+           "alpha": res.get("alpha", torch.full_like(cols["nll"], math.nan)),
+           "nll_mixed": res.get("nll_mixed", cols["nll"]),
            "trust": res.get("trust", torch.full_like(cols["nll"], math.nan))}
     np.savez(path, **{k: v[1:].cpu().numpy() for k, v in out.items()})
 
 
 def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger,
                    deadline: Deadline, timings: dict) -> tuple[dict, dict | None]:
-    """The submission's score: the sliding window, and its n-gram mixture once the audit has passed.
-    The n-gram score is complete only if the precompute, the mixing and the audit end inside the deadline."""
+    """The sliding window, and its n-gram mixture once the audit has passed; the n-gram score is complete only
+    if the precompute, the mixing and the audit end inside the deadline."""
     res = evaluate(model, val, luts, args, rt, log, label="sliding", seq_len=args.eval_seq_len,
                    stride=args.eval_stride, deadline=deadline)
     timings["sliding_ms"] = res["eval_ms"]
@@ -1653,7 +1532,8 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
         mixed = dict(res)  # an incomplete pass leaves nothing to mix: the n-gram score is INCOMPLETE too
         if res["complete"]:
             t0 = time.perf_counter()
-            tables = ngram_tables(val, args.vocab_size, args.ngram_min_order, args.ngram_max_order, args.ngram_min_count)
+            tables = ngram_tables(val, args.vocab_size, args.ngram_min_order, args.ngram_max_order,
+                                  args.ngram_min_count)
             rt.sync()
             timings["ngram_precompute_ms"] = 1000 * (time.perf_counter() - t0)
             mixed = ngram_mixture(res, tables, args)
@@ -1680,44 +1560,20 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
 
 def log_mixer(mixed: dict, tables: NgramTables, log: Logger) -> None:
     """Where the n-gram was used and what it bought, by order: a reader can see the mixture pay or cost."""
-    nll, nll_mixed, alpha = mixed["stream"]["nll"], mixed["nll_mixed"], mixed["alpha"]
+    nll, nll_mixed, alpha, mixer = mixed["stream"]["nll"], mixed["nll_mixed"], mixed["alpha"], mixed["mixer"]
     parts = []
     for o in sorted(set(tables.order.unique().tolist()) - {0}):
         m = tables.order == o
-        parts.append(f"{o}:{int(m.sum())}/{float(alpha[m].mean()):.3f}/{float((nll[m] - nll_mixed[m]).sum()) / math.log(2) / mixed['bytes']:+.5f}")
-    mixer = mixed["mixer"]
-    learned = (f"refits:{len(mixer.weights) - 1} final_trust:{float(torch.sigmoid(mixer.evidence[-1:]).sum()):.4f} weights:"
-               + ",".join(f"{v:.3g}" for v in mixer.weights[-1].tolist()) if mixer else "")
-    log(f"ngram_mix mixer:{'learned' if mixer else 'fixed'} ms:{mixed['mix_ms']:.0f} "
+        gain = float((nll[m] - nll_mixed[m]).sum()) / math.log(2) / mixed["bytes"]
+        parts.append(f"{o}:{int(m.sum())}/{float(alpha[m].mean()):.3f}/{gain:+.5f}")
+    learned = (f"refits:{len(mixer.weights) - 1} final_trust:{float(torch.sigmoid(mixer.evidence[-1:]).sum()):.4f} "
+               "weights:" + ",".join(f"{v:.3g}" for v in mixer.weights[-1].tolist()) if mixer.learn else "")
+    log(f"ngram_mix mixer:{'learned' if mixer.learn else 'fixed'} ms:{mixed['mix_ms']:.0f} "
         f"order:targets/mean_alpha/bpb_gain {' '.join(parts)} {learned}".rstrip())
 
 
 # ----------------------------------------------------------------------------------------------
 # Main
-
-
-def log_header(args: Hyperparameters, rt: Runtime, log: Logger) -> None:
-    with open(os.path.abspath(__file__), encoding="utf-8") as f:
-        log(f.read(), console=False)
-    log("=" * 100, console=False)
-    for key in sorted(vars(args)):
-        log(f"hparam {key}:{getattr(args, key)}")
-    name = torch.cuda.get_device_name(rt.device) if rt.is_cuda else "cpu"
-    log(f"env torch:{torch.__version__} device:{rt.device} device_name:{name} world_size:{rt.world_size} "
-        f"grad_accum_steps:{args.grad_accum_steps}")
-
-
-def write_submission(args: Hyperparameters, rt: Runtime, fields: dict, log: Logger) -> None:
-    if not rt.master:
-        return
-    sub = {"name": f"10L XSA+VRL+BigramHash+SmearGate, int5/int6+zstd, exact n-gram backoff (run {args.run_id})",
-           "author": args.author or None, "github_id": args.github_id or None,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "seed": args.seed, "world_size": rt.world_size,
-           "device": torch.cuda.get_device_name(rt.device) if rt.is_cuda else "cpu", **fields}
-    with open(args.submission_path, "w", encoding="utf-8") as f:
-        json.dump(sub, f, indent=2)
-    log(f"submission path:{args.submission_path}")
 
 
 def train_and_export(args: Hyperparameters, rt: Runtime, log: Logger, val: Tensor, luts, train_paths) -> dict:
@@ -1749,8 +1605,9 @@ def evaluate_artifact(args: Hyperparameters, rt: Runtime, log: Logger, val: Tens
     timings["total_ms"] = 1000 * deadline.elapsed()
     log("eval_time " + " ".join(f"{k}:{v:.0f}" for k, v in timings.items()) + f" budget_s:{args.eval_budget_seconds:g}")
     if not all(r["complete"] for r in (plain, sliding, mixed or sliding)):
-        log(f"eval INCOMPLETE: sliding coverage {sliding['coverage']:.6f}, eval time {timings['total_ms'] / 1000:.1f} s "
-            f"of EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g}; no score is reported")
+        log(f"eval INCOMPLETE: sliding coverage {sliding['coverage']:.6f}, eval time "
+            f"{timings['total_ms'] / 1000:.1f} s of EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g}; "
+            "no score is reported")
         raise EvalFailure("evaluation did not score the whole validation split within its budget")
     final, kind = (mixed, "mixed") if mixed else (sliding, "model")
     return {"val_bpb": round(final[f"bpb_{kind}"], 8), "val_bpb_sliding": round(sliding["bpb_model"], 8),
@@ -1765,7 +1622,14 @@ def run() -> None:
     rt = Runtime(args.device)
     validate_shards(train_paths + val_paths, args.vocab_size, rt)
     log = Logger(args, rt)
-    log_header(args, rt, log)
+    with open(os.path.abspath(__file__), encoding="utf-8") as f:
+        log(f.read(), console=False)
+    log("=" * 100, console=False)
+    for key in sorted(vars(args)):
+        log(f"hparam {key}:{getattr(args, key)}")
+    device_name = torch.cuda.get_device_name(rt.device) if rt.is_cuda else "cpu"
+    log(f"env torch:{torch.__version__} device:{rt.device} device_name:{device_name} world_size:{rt.world_size} "
+        f"grad_accum_steps:{args.grad_accum_steps}")
     torch.manual_seed(args.seed)
     val = load_validation(args, rt)
     luts = tuple(torch.from_numpy(a).to(rt.device) for a in byte_luts(sp))
@@ -1776,7 +1640,14 @@ def run() -> None:
     else:
         fields = train_and_export(args, rt, log, val, luts, train_paths)
     fields.update(evaluate_artifact(args, rt, log, val, luts))
-    write_submission(args, rt, fields, log)
+    if rt.master:
+        with open(args.submission_path, "w", encoding="utf-8") as f:
+            name = f"10L XSA+VRL+BigramHash+SmearGate, int5/int6+zstd, exact n-gram backoff (run {args.run_id})"
+            json.dump({"name": name,
+                       "author": args.author or None, "github_id": args.github_id or None,
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "seed": args.seed, "world_size": rt.world_size, "device": device_name, **fields}, f, indent=2)
+        log(f"submission path:{args.submission_path}")
 
 
 def main() -> int:

@@ -65,6 +65,12 @@ class Background:
         self.result()
 
 
+def dequantize_state(quantized: dict) -> dict:
+    """The weights a quantized plan stands for (codes x row steps, or the fp16 values): what the artifact loads."""
+    return {name: q.float() * s.float()[:, None] if kind == "int" else q.float()
+            for name, (kind, _, q, s) in quantized.items()}
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -237,9 +243,6 @@ def test_finest_steps_within_half_step_of_clipped_original(qmax, cols):
     assert const.sum() == 1
     deq_const = q[const].double() * s[const].double()[:, None]
     assert (deq_const == deq_const[0, 0]).all() and abs(deq_const[0, 0].item() + 0.3) <= 0.3 * 2.0 ** -10
-    # dequantize_state rebuilds exactly q * s
-    deq = T.dequantize_state({"m": ("int", qmax, q, s)})["m"]
-    assert torch.equal(deq, q.float() * s.float()[:, None])
 
 
 @pytest.mark.parametrize("qmax", [15, 31])
@@ -407,7 +410,7 @@ def roundtrip(rt_artifact, background):
     """The quantized model built in this process, and what a separate Python process read back from the file."""
     a = rt_artifact
     qmodel = T.GPT(a["args"])
-    qmodel.load_state_dict(T.dequantize_state(a["quantized"]))
+    qmodel.load_state_dict(dequantize_state(a["quantized"]))
     here = {"plain": logits_of(a["model"], a["idx"]), "quant": logits_of(qmodel, a["idx"])}
     proc = background["child"].result()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -434,7 +437,7 @@ def test_roundtrip_quantizes_both_kinds(roundtrip):
 def test_fresh_process_reproduces_quantized_logits_exactly(roundtrip):
     child, here = roundtrip["child"], roundtrip["here"]
     assert child["config"] == roundtrip["args"].model_config()
-    deq = T.dequantize_state(roundtrip["quantized"])
+    deq = dequantize_state(roundtrip["quantized"])
     assert set(child["state"]) == set(deq)
     for name in deq:
         assert torch.equal(child["state"][name], deq[name]), name
@@ -449,7 +452,7 @@ def test_fresh_process_reproduces_quantized_logits_exactly(roundtrip):
 
 
 def test_dequantized_weights_close_to_originals(roundtrip):
-    deq = T.dequantize_state(roundtrip["quantized"])
+    deq = dequantize_state(roundtrip["quantized"])
     worst = {}
     for name, (kind, qmax, _, _) in roundtrip["quantized"].items():
         w = roundtrip["state"][name].float()
@@ -621,8 +624,8 @@ def test_fit_with_calibration_and_gptq_at_a_binding_limit(rt_artifact):
         if "gram" in st:  # the layer's output error on the calibration inputs: GPTQ's objective
             w = rt_artifact["state"][name]
             err = {k: float(torch.einsum("ij,jk,ik->", d, st["gram"], d)) for k, d in
-                   (("gptq", T.dequantize_state({name: info["quantized"][name]})[name] - w),
-                    ("plain", T.dequantize_state({name: plain[name]})[name] - w))}
+                   (("gptq", dequantize_state({name: info["quantized"][name]})[name] - w),
+                    ("plain", dequantize_state({name: plain[name]})[name] - w))}
             assert err["gptq"] < 0.8 * err["plain"], (name, err)  # observed 0.29-0.58
 
 
@@ -652,7 +655,7 @@ def test_steps_follow_the_fisher_information():
     loss = {}
     for key, fit in (("weighted", weighted), ("uniform", uniform)):
         blob, info = fit.fit(limit, config, False)
-        deq = T.dequantize_state(info["quantized"])[name]
+        deq = dequantize_state(info["quantized"])[name]
         loss[key] = float(((deq - w).square().sum(1) * fisher / 256).sum())
     assert loss["weighted"] < 0.8 * loss["uniform"], loss
 

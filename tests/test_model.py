@@ -51,7 +51,7 @@ def model_logits(model, idx):
         return model.logits(model.hidden(idx))
 
 
-_KNOBS = sorted(set(re.findall(r'env\("(\w+)"', open(os.path.join(ROOT, "train_gpt.py"), encoding="utf-8").read())))
+_KNOBS = [name.upper() for name, *_ in train_gpt.KNOBS]
 
 
 def default_args() -> train_gpt.Hyperparameters:
@@ -495,16 +495,16 @@ def test_warmup_restores_weights_optimizer_and_stream(corpus, tmp_path, monkeypa
     opt0 = [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]
     stream0 = trainer.loader.stream.state()
     during = {}
-    real_restore = trainer.restore
+    real_load = model.load_state_dict
 
-    def spy(snap):  # what the warm-up left just before it undid itself
+    def spy(state):  # what the warm-up left just before it undid itself
         during["params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         during["opt_state_sizes"] = [len(o.state) for o in trainer.optimizers]
         during["lrs"] = [g["lr"] for o in trainer.optimizers for g in o.param_groups]
         during["stream"] = trainer.loader.stream.state()
-        real_restore(snap)
+        return real_load(state)
 
-    monkeypatch.setattr(trainer, "restore", spy)
+    monkeypatch.setattr(model, "load_state_dict", spy)
     trainer.warmup()
     assert during, "warmup() did not restore"
     # the warm-up really trained
@@ -564,14 +564,16 @@ def test_train_stops_at_the_wallclock_cap(corpus, tmp_path, monkeypatch, capsys)
     assert mults[-1] < 0.75  # warming down over the last 90% of the clock (the stop comes a few steps early)
 
 
-class SimulatedDevice:
+class SimulatedDevice(train_gpt.Timeline):
     """A GPU as the training loop sees it, on a simulated clock: the host enqueues a step in `launch_ms`
     and returns; the device runs the queued steps one after another, each `step_ms` (times 1 +- `jitter`);
     a mark passes when the device has finished everything queued before it; the host waits only where the
     trainer waits on a mark, and the calibration (eager, synchronizing) runs `calib_ms` once the queue is
-    empty. Stands in for the trainer's Timeline and step, train_gpt.calibrate and the host clock."""
+    empty. Stands in for the trainer's Timeline primitives and step, train_gpt.calibrate and the host clock;
+    the Timeline's own bookkeeping (step times, the reserve) runs as it is."""
 
     def __init__(self, step_ms: float, calib_ms: float, jitter: float = 0.0, seed: int = 0, launch_ms: float = 2.0):
+        super().__init__(cuda=False)
         self.now, self.free, self.rng = 0.0, 0.0, np.random.default_rng(seed)  # host clock, device's end of queue (s)
         self.step_ms, self.calib_ms, self.jitter, self.launch_ms = step_ms, calib_ms, jitter, launch_ms
 
@@ -581,7 +583,7 @@ class SimulatedDevice:
         monkeypatch.setattr(train_gpt, "calibrate", self.calibrate)
         monkeypatch.setattr(train_gpt.time, "perf_counter", lambda: self.now)
 
-    # the Timeline interface
+    # the Timeline primitives
     def mark(self):
         return max(self.free, self.now)
 
@@ -648,8 +650,6 @@ def test_stop_rule_holds_the_cap_on_a_gpu_timeline(corpus, tmp_path, monkeypatch
     as one GPU has them (8 micro-batches, 600 ms a step, calibration 2561 ms on the H200), steps jittered
     by up to 10%, over many seeds and budgets: train_total_ms never exceeds the cap, and the run uses it
     (it ends within the reserve of the cap)."""
-    monkeypatch.setattr(train_gpt.Trainer, "snapshot", lambda self: None)
-    monkeypatch.setattr(train_gpt.Trainer, "restore", lambda self, snap: None)
     ends = []
     for seed in range(24):
         cap_s = 3.0 + 0.37 * seed if step_ms < 100 else 12.0 + 1.1 * seed

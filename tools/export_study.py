@@ -67,6 +67,12 @@ def main() -> None:
         return T.evaluate(m, val, luts, args, rt, log, label="study", seq_len=args.train_seq_len,
                           stride=args.train_seq_len, deadline=T.Deadline(0))["bpb_model"]
 
+    def loaded(blob: bytes) -> dict:  # the weights the artifact itself gives a fresh model
+        with tempfile.NamedTemporaryFile(suffix=".ptz") as f:
+            f.write(blob)
+            f.flush()
+            return T.deserialize_artifact(f.name)[1]
+
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     pre = score(state)
     print(f"prequant_bpb:{pre:.5f} steps:{stats['steps']}", flush=True)
@@ -85,7 +91,7 @@ def main() -> None:
             t0 = time.perf_counter()
             blob, info = T.BudgetFit(state, st).fit(int(natural * frac), args.model_config(), gptq)
             secs = time.perf_counter() - t0
-            penalty = score(T.dequantize_state(info["quantized"])) - pre
+            penalty = score(loaded(blob)) - pre
             print(f"{scheme:<12} {frac:4.2f}  {len(blob):11d}  {penalty:+.5f}  {secs:8.1f}  {info['passes']:6d}", flush=True)
     print(f"limit_fraction is of the previous export's {natural} bytes; penalty = roundtrip - prequant bpb "
           f"(prequant {pre:.5f}); moved tensors are in the export lines of a train_gpt.py run", flush=True)

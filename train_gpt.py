@@ -102,6 +102,11 @@ KNOBS = (
     ("ngram_ent_scale", 2.0, float), ("ngram_ent_thresh", 4.0, float), ("ngram_mixer", "learned", ("learned", "fixed")),
     ("ngram_mix_first", 1024, int, 1), ("ngram_mix_chunk", 1 << 20, int, 1), ("ngram_mix_steps", 4, int, 0),
     ("ngram_mix_l2", 1e-4, float, 1e-12), ("ngram_audit_positions", 256, int, 0),
+    # test-time training (stage 1 of the eval); TTT_TARGETS: a comma list of q, k, v, o (attention output),
+    # mlp (MLP output), head; TTT_RESERVE_SECONDS: what the eval after the TTT pass may need
+    ("ttt", False, bool), ("ttt_rank", 64, int, 1), ("ttt_lr", 1e-4, float, 0.0), ("ttt_wd", 0.5, float, 0.0),
+    ("ttt_chunk", 32, int, 1), ("ttt_docs", 32, int, 1), ("ttt_targets", "q,k,v,o,mlp,head", str),
+    ("ttt_reserve_seconds", 60.0, float, 0.0),
     # submission
     ("submission_path", "submission.json", str), ("author", "", str), ("github_id", "", str),
 )
@@ -149,6 +154,8 @@ class Hyperparameters:
              "n-gram score is only reported after its audit (use >= 1, or NGRAM=0)"),
             (self.eval_stride > self.eval_seq_len,
              f"EVAL_STRIDE={self.eval_stride} is invalid: must be <= EVAL_SEQ_LEN={self.eval_seq_len}"),
+            (not set(self.ttt_targets.split(",")) <= set(TTT_TARGETS), f"TTT_TARGETS={self.ttt_targets!r} is invalid: "
+             f"expected a comma list of {', '.join(TTT_TARGETS)}"),
             (not self.eval_only and self.train_batch_tokens % micro,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world size {self.world_size} x "
              f"GRAD_ACCUM_STEPS={self.grad_accum_steps} x TRAIN_SEQ_LEN={self.train_seq_len}"),
@@ -532,10 +539,11 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x)
 
-    def logits(self, h: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    def logits(self, h: Tensor, dtype: torch.dtype = torch.float32, delta: Tensor | None = None) -> Tensor:
         """Soft-capped logits in `dtype`: float32 in training (from autocast's bf16 product), float64 outside
         autocast in the eval, so a row's distribution does not depend on which rows share its batch."""
         z = F.linear(h.to(dtype), self.tok_emb.weight.to(dtype)).to(dtype)
+        z = z if delta is None else z + delta.to(dtype)  # a test-time adapter's share of the head
         return self.softcap * torch.tanh(z / self.softcap)
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
@@ -1391,6 +1399,141 @@ def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, 
     return stream_scores(rt.all_reduce(buf), val, luts, t0)
 
 
+# Score-first test-time training (TTT=1): the eval's stage 1, per-document low-rank adapters
+
+TTT_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "mlp": "mlp.proj", "head": None}
+
+
+def documents(val: Tensor) -> list[tuple[int, int]]:
+    """(start, end) per document, split at BOS: inputs val[start:end] predict targets start+1..end, so the
+    documents partition targets 1..N-1 (a BOS target closes the document before it)."""
+    starts = [0] + (torch.nonzero(val[1:-1] == BOS_ID).flatten() + 1).tolist()
+    return list(zip(starts, starts[1:] + [len(val) - 1]))
+
+
+def ttt_batches(docs: list[tuple[int, int]], size: int) -> list[list[int]]:
+    """Documents longest first (ties by position), TTT_DOCS a batch: the same batches on any world size."""
+    order = sorted(range(len(docs)), key=lambda d: (docs[d][0] - docs[d][1], d))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+class DocBatch:
+    """A batch of documents scored chunk by chunk, each slot with low-rank adapters of its own (B = 0 at first,
+    so a first chunk scores as the base model, A drawn from a generator seeded by the document): chunk(i) scores
+    every slot's chunk i with the adapters trained on its earlier chunks; learn() then steps on their losses."""
+
+    def __init__(self, model: GPT, val: Tensor, docs: list[tuple[int, int]], args: Hyperparameters, rt: Runtime,
+                 adapt: bool):
+        self.model, self.val, self.docs, self.args, self.rt, self.adapters = model, val, docs, args, rt, []
+        self.steps = max(-(-(e - s) // args.ttt_chunk) for s, e in docs)
+        if not adapt:
+            return
+        model.requires_grad_(False)  # only the adapters learn
+        gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + s) for s, _ in docs]
+        names = {TTT_TARGETS[t] for t in args.ttt_targets.split(",")}
+        mods = [m for name, m in model.named_modules()
+                if name.startswith("blocks.") and name.split(".", 2)[-1] in names]
+        for m in mods + ([model.tok_emb] if None in names else []):  # the head: the tied embedding, read as outputs
+            n_in, n_out = (m.in_features, m.out_features) if m in mods else (m.embedding_dim, m.num_embeddings)
+            a = torch.stack([torch.randn(args.ttt_rank, n_in, generator=g) / math.sqrt(n_in) for g in gens])
+            a = F.pad(a, (0, 0, 0, 0, 0, args.ttt_docs - len(docs)))  # empty slots: adapters that stay zero
+            b = torch.zeros(args.ttt_docs, n_out, args.ttt_rank, device=rt.device)
+            self.adapters.append((m if m in mods else None, a.to(rt.device).requires_grad_(), b.requires_grad_()))
+        self.opt = torch.optim.AdamW([t for _, a, b in self.adapters for t in (a, b)], lr=args.ttt_lr,
+                                     betas=(0.0, 0.999), weight_decay=args.ttt_wd)
+
+    def chunk(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(positions, float64 log-probability rows, nll) of the targets of every slot's chunk i."""
+        C, L, D = self.args.ttt_chunk, self.args.eval_seq_len, self.args.ttt_docs
+        spans = [(s + i * C, min(s + (i + 1) * C, e), s) for s, e in self.docs if s + i * C < e]
+        spans = [(a, b, max(s, b - L)) for a, b, s in spans] + [(0, 0, 0)] * (D - len(spans))
+        T = max(b - w for _, b, w in spans)
+        cols, offs = torch.arange(T), torch.arange(C)
+        # a slot's window: tokens [w, b), padded after b with its last token; its targets a+1..b are rows a-w..b-1-w
+        x = torch.stack([torch.clamp(w + cols, max=max(b - 1, 0)) for a, b, w in spans])
+        rows = torch.stack([torch.clamp(a - w + offs, max=max(b - 1 - w, 0)) for a, b, w in spans])
+        mask = torch.stack([offs < b - a for a, b, _ in spans])
+        pos = torch.stack([torch.clamp(a + 1 + offs, max=b) for a, b, _ in spans])
+        x, rows, mask, pos = (self.rt.upload(t) for t in (x, rows, mask, pos))
+        hooks = [m.register_forward_hook(lambda m, inp, out, a=a, b=b: out + (inp[0] @ a.mT.to(inp[0].dtype))
+                                         @ b.mT.to(inp[0].dtype)) for m, a, b in self.adapters if m is not None]
+        try:
+            with torch.set_grad_enabled(bool(self.adapters)), self.rt.autocast():
+                h = self.model.hidden(self.val[x])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        with torch.set_grad_enabled(bool(self.adapters)):
+            h = h.gather(1, rows[..., None].expand(-1, -1, h.size(-1))).float()
+            delta = next(((h @ a.mT) @ b.mT for m, a, b in self.adapters if m is None), None)
+            logp = torch.log_softmax(self.model.logits(h, torch.float64, delta), dim=-1)
+            nll = -logp.gather(-1, self.val[pos][..., None]).squeeze(-1)
+            self.loss = ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()  # each slot's own mean
+        return pos[mask], logp[mask].detach(), nll[mask].detach()
+
+    def learn(self) -> None:
+        self.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def ttt_scores(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime,
+               deadline: Deadline) -> tuple[Tensor, Tensor]:
+    """This rank's batches (every world_size-th) scored with adaptation, as score_windows' buffer; and which
+    documents were adapted. A batch is adapted while the measured rate says the rest would still end
+    TTT_RESERVE_SECONDS inside the budget; the remaining ones are scored as the base model, so the score is whole."""
+    docs = documents(val)
+    batches = ttt_batches(docs, args.ttt_docs)
+    buf = torch.zeros(len(SCORE_ROWS) * len(val) + 1, dtype=torch.float64, device=rt.device)
+    rows_out, adapted = buf[:-1].view(len(SCORE_ROWS), len(val)), torch.zeros(len(docs), device=rt.device)
+    mine = batches[rt.rank::rt.world_size]
+    left, done, t0, adapt = sum(docs[d][1] - docs[d][0] for batch in mine for d in batch), 0, time.perf_counter(), True
+    for batch in mine:
+        if deadline.passed():
+            break
+        tokens = sum(docs[d][1] - docs[d][0] for d in batch)
+        if adapt and done and deadline.seconds > 0:
+            rate = (time.perf_counter() - t0) / done
+            adapt = deadline.elapsed() + rate * left <= deadline.seconds - args.ttt_reserve_seconds
+        b = DocBatch(model, val, [docs[d] for d in batch], args, rt, adapt)
+        for i in range(b.steps):
+            pos, logp, nll = b.chunk(i)
+            rows_out[:, pos] = torch.stack((nll, -(logp.exp() * logp).sum(-1), logp.max(-1).values.exp(),
+                                            torch.ones_like(nll)))
+            if adapt:
+                b.learn()
+        adapted[batch] = float(adapt)
+        done, left = done + tokens * adapt, left - tokens
+    buf[-1] = float(deadline.passed())
+    return buf, adapted
+
+
+def ttt_audit_rows(model: GPT, val: Tensor, positions: list[int], args: Hyperparameters, rt: Runtime,
+                   adapted: Tensor) -> Tensor:
+    """The model's row at each target t from a replay of t's batch up to t's chunk, in the fast path's shapes,
+    with the tokens of t's document from t on replaced: adapters that saw x_t or later disagree."""
+    docs = documents(val)
+    starts, batch_of = torch.tensor([s for s, _ in docs]), {}
+    for batch in ttt_batches(docs, args.ttt_docs):
+        batch_of.update({d: batch for d in batch})
+    out = []
+    for t in positions:
+        d = int(torch.searchsorted(starts, t)) - 1  # the document with start < t <= end
+        (s, e), k = docs[d], (t - docs[d][0] - 1) // args.ttt_chunk  # t's chunk
+        saved = val[t:e].clone()
+        val[t:e] = (saved + 1) % args.vocab_size  # changed in place for the replay, restored after it
+        try:
+            b = DocBatch(model, val, [docs[j] for j in batch_of[d]], args, rt, bool(adapted[d]))
+            for i in range(k + 1):
+                pos, logp, _ = b.chunk(i)
+                if b.adapters and i < k:
+                    b.learn()
+        finally:
+            val[t:e] = saved
+        out.append(logp[pos == t])
+    return torch.cat(out) if out else torch.zeros(0, args.vocab_size, dtype=torch.float64, device=rt.device)
+
+
 def ngram_mixture(res: dict, tables: NgramTables, args: Hyperparameters) -> dict:
     """The mixed stream, score first: p = (1 - alpha) p_model + alpha p_ng where a context matched, else p_model."""
     cols, t0 = res["stream"], time.perf_counter()
@@ -1495,7 +1638,8 @@ def run_audit(model: GPT, val: Tensor, mixed: dict, tables: NgramTables, picks: 
     """Each rank audits every world_size-th sampled position; the reports are merged on every rank."""
     mine = picks[rt.rank::rt.world_size]
     records = [(t, math.exp(-float(mixed["nll_mixed"][t])), int(tables.order[t])) for t in mine]
-    rows = audit_model_logp(model, val, mine, args, rt)
+    rows = (ttt_audit_rows(model, val, mine, args, rt, mixed["adapted"]) if args.ttt
+            else audit_model_logp(model, val, mine, args, rt))
     parts = rt.gather_objects(dict(audit_ngram(records, rows, val, args.vocab_size, args, mixed["mixer"].alpha_at),
                                    late=deadline.passed()))
     return {"positions": sum(p["positions"] for p in parts), "order_mismatch": sum(p["order_mismatch"] for p in parts),
@@ -1520,24 +1664,33 @@ def write_dump(path: str, val: Tensor, res: dict, tables: NgramTables | None) ->
 
 
 def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger,
-                   deadline: Deadline, timings: dict) -> tuple[dict, dict | None]:
-    """The sliding window, and its n-gram mixture once the audit has passed; the n-gram score is complete only
-    if the precompute, the mixing and the audit end inside the deadline."""
+                   deadline: Deadline, timings: dict) -> tuple[dict, dict, dict | None]:
+    """The sliding window; with TTT=1 the TTT pass, whose per-target values the mixture then takes; and the n-gram
+    mixture once the audit has passed, complete only if all of it ends inside the deadline."""
     res = evaluate(model, val, luts, args, rt, log, label="sliding", seq_len=args.eval_seq_len,
                    stride=args.eval_stride, deadline=deadline)
     timings["sliding_ms"] = res["eval_ms"]
     log(final_line("sliding", res, "model"))
-    mixed, tables = None, None
+    base, mixed, tables = res, None, None
+    if args.ttt:
+        t0 = time.perf_counter()
+        buf, adapted = ttt_scores(model, val, args, rt, deadline)
+        base = dict(stream_scores(rt.all_reduce(buf), val, luts, t0), adapted=rt.all_reduce(adapted))
+        timings["ttt_ms"] = base["eval_ms"]
+        log(f"ttt docs:{len(adapted)} adapted:{int(base['adapted'].sum())} rank:{args.ttt_rank} lr:{args.ttt_lr:g} "
+            f"chunk:{args.ttt_chunk} docs_per_batch:{args.ttt_docs} targets:{args.ttt_targets} ms:{base['eval_ms']:.0f}"
+            + (f" peak_memory_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}" if rt.is_cuda else ""))
+        log(final_line("ttt", base, "model"))
     if args.ngram:
-        mixed = dict(res)  # an incomplete pass leaves nothing to mix: the n-gram score is INCOMPLETE too
-        if res["complete"]:
+        mixed = dict(base)  # an incomplete pass leaves nothing to mix: the n-gram score is INCOMPLETE too
+        if base["complete"]:
             t0 = time.perf_counter()
             tables = ngram_tables(val, args.vocab_size, args.ngram_min_order, args.ngram_max_order,
                                   args.ngram_min_count)
             rt.sync()
             timings["ngram_precompute_ms"] = 1000 * (time.perf_counter() - t0)
-            mixed = ngram_mixture(res, tables, args)
-            mixed["eval_ms"] = res["eval_ms"] + 1000 * (time.perf_counter() - t0)
+            mixed = ngram_mixture(base, tables, args)
+            mixed["eval_ms"] = base["eval_ms"] + 1000 * (time.perf_counter() - t0)
             timings["mix_ms"] = mixed["mix_ms"]
             log_mixer(mixed, tables, log)
             picks = audit_positions(tables.order, args.ngram_audit_positions, args.seed)
@@ -1552,10 +1705,10 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
                 raise EvalFailure(f"n-gram audit failed, no n-gram score is reported: {rep}, sampled {len(picks)}")
             mixed["complete"] = not rep["late"]
         log(final_line("ngram", mixed, "mixed"))
-    if args.eval_dump_path and rt.master and res["complete"]:
-        write_dump(args.eval_dump_path, val, mixed or res, tables)
-        log(f"eval_dump path:{args.eval_dump_path} tokens:{res['tokens']}")
-    return res, mixed
+    if args.eval_dump_path and rt.master and base["complete"]:
+        write_dump(args.eval_dump_path, val, mixed or base, tables)
+        log(f"eval_dump path:{args.eval_dump_path} tokens:{base['tokens']}")
+    return res, base, mixed
 
 
 def log_mixer(mixed: dict, tables: NgramTables, log: Logger) -> None:
@@ -1601,16 +1754,17 @@ def evaluate_artifact(args: Hyperparameters, rt: Runtime, log: Logger, val: Tens
                      stride=args.train_seq_len, deadline=deadline)
     timings["roundtrip_ms"] = plain["eval_ms"]
     log(final_line("roundtrip", plain))
-    sliding, mixed = run_final_eval(model, val, luts, args, rt, log, deadline, timings)
+    sliding, base, mixed = run_final_eval(model, val, luts, args, rt, log, deadline, timings)
     timings["total_ms"] = 1000 * deadline.elapsed()
     log("eval_time " + " ".join(f"{k}:{v:.0f}" for k, v in timings.items()) + f" budget_s:{args.eval_budget_seconds:g}")
-    if not all(r["complete"] for r in (plain, sliding, mixed or sliding)):
+    if not all(r["complete"] for r in (plain, sliding, base, mixed or base)):
         log(f"eval INCOMPLETE: sliding coverage {sliding['coverage']:.6f}, eval time "
             f"{timings['total_ms'] / 1000:.1f} s of EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g}; "
             "no score is reported")
         raise EvalFailure("evaluation did not score the whole validation split within its budget")
-    final, kind = (mixed, "mixed") if mixed else (sliding, "model")
+    final, kind = (mixed, "mixed") if mixed else (base, "model")
     return {"val_bpb": round(final[f"bpb_{kind}"], 8), "val_bpb_sliding": round(sliding["bpb_model"], 8),
+            **({"val_bpb_ttt": round(base["bpb_model"], 8)} if args.ttt else {}),
             "val_loss": round(final[f"loss_{kind}"], 8), "eval_seconds": round(timings["total_ms"] / 1000, 3)}
 
 

@@ -107,6 +107,8 @@ CONFIG_CASES = {
                               ["NGRAM_MIX_CHUNK=1024", "NGRAM_MIX_FIRST=4096"]),
     "mix_l2_zero": ({"NGRAM_MIX_L2": "0"}, ["NGRAM_MIX_L2=0", "out of range"]),
     "alpha_above_one": ({"NGRAM_ENT_BASE": "0.5", "NGRAM_ENT_RANGE": "0.6"}, ["NGRAM_ENT_BASE=0.5", "NGRAM_ENT_RANGE=0.6"]),
+    "unknown_ttt_target": ({"TTT_TARGETS": "q,k,ffn"}, ["TTT_TARGETS='q,k,ffn'", "q, k, v, o, mlp, head"]),
+    "negative_ttt_lr": ({"TTT_LR": "-1e-4"}, ["TTT_LR=-1e-4", "out of range"]),
 }
 
 

@@ -78,6 +78,25 @@ def test_gpu_eval_of_a_cpu_artifact_matches_the_cpu(trained_run, corpus, tmp_pat
     check_audit(proc.stdout)
 
 
+def test_ttt_eval_on_the_gpu_matches_the_cpu(trained_run, corpus, tmp_path):
+    """TTT=1 on the GPU (adapters under bf16 autocast, uploads, float64 head): the whole eval completes, every
+    document adapted, the audit's replay reproduces the fast path within its tolerance, and final_ttt is the
+    CPU's within bf16 noise."""
+    scores = {}
+    for device in ("cpu", "cuda"):
+        art = tmp_path / f"{device}.ptz"
+        shutil.copy(trained_run["artifact"], art)
+        proc = run_script(corpus, tmp_path, timeout=600, DEVICE=device, EVAL_ONLY=1, ARTIFACT_PATH=str(art), TTT=1,
+                          TTT_DOCS=16, TTT_RANK=8, RUN_ID=f"ttt_{device}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert re.search(r"^ttt docs:100 adapted:100 ", proc.stdout, re.M)
+        check_audit(proc.stdout)
+        scores[device] = finals(proc.stdout)
+    assert re.search(r" peak_memory_mib:\d+$", [l for l in proc.stdout.splitlines() if l.startswith("ttt ")][0])
+    for kind in ("ttt", "ngram"):
+        assert scores["cuda"][kind]["val_bpb"] == pytest.approx(scores["cpu"][kind]["val_bpb"], rel=1e-2), kind
+
+
 def test_compiled_autocast_matches_eager(monkeypatch):
     """Training forward compiled with fullgraph under bf16 autocast, and the compiled eval body, against
     eager float32 on the same GPU."""

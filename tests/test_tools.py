@@ -17,7 +17,9 @@ def test_gpu_check_dry_run_completes(tmp_path):
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
     stages = re.findall(r"^== \[\d+ s\] (\S+)", out, re.M)
-    assert stages == ["environment", "corpus:", "train_gpt.py:", "cuda", "Muon:", "n-gram", "summary"], stages
+    assert stages == ["environment", "corpus:", "train_gpt.py:", "cuda", "Muon:", "n-gram", "TTT:", "summary"], stages
+    assert re.search(r"^device:cpu params:\d+ docs:4 tokens:\d+ rank:64 chunk:32 docs_per_batch:32 .* tok_s:\d+ ", out, re.M)
+    assert re.search(r"^projection: 62021846 tokens on 8 ranks at this rate: \d+ s", out, re.M)
     assert len(re.findall(r"^step:\d muon:(ours|torch) ms:\S+ ops:\d+$", out, re.M)) == 6
     summary = out.split("] summary\n", 1)[1]
     assert re.search(r"^steps:\d+ ms/step:\S+ \(forward\+backward \S+, optimizer \S+, rest \S+\)$", summary, re.M)

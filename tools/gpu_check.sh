@@ -4,8 +4,9 @@
 #   2. the full-size default model trained with the real schedule for GPU_CHECK_TRAIN_SECONDS (120),
 #      calibrated and exported by the budget fit, round-tripped, scored by sliding window + n-gram, audited
 #   3. the `cuda` tests (among them: training steps under torch.cuda.set_sync_debug_mode("error")),
-#      train_gpt.Muon against torch.optim.Muon, and the n-gram precompute and learned mixer at the full
-#      validation size (62,021,846 tokens), orders 2-7 and 2-16
+#      train_gpt.Muon against torch.optim.Muon, the n-gram precompute and learned mixer at the full
+#      validation size (62,021,846 tokens), orders 2-7 and 2-16, and the TTT pass's rate on the full-size
+#      model, projected to the 62M validation tokens on 8 GPUs
 #   4. a summary: ms/step (forward+backward, optimizer, rest), peak memory, compile time, eval times, bytes,
 #      the calibration's time against what the stop rule reserved for it, and the margin left under the cap
 #
@@ -30,13 +31,13 @@ if ! python3 -c "import zstandard" 2>/dev/null; then
 fi
 
 if [ $dry = 1 ]; then  # toy sizes, CPU
-  docs_mb=1 val_docs=100 ngram_tokens=1000000
+  docs_mb=1 val_docs=100 ngram_tokens=1000000 ttt_args="--docs 4 --mean-len 100"
   run_env=(DEVICE=cpu NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=2 ROPE_DIMS=8 XSA_LAST_N=1
            BIGRAM_VOCAB_SIZE=256 BIGRAM_DIM=16 TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=2048 GRAD_ACCUM_STEPS=1
            WARMUP_STEPS=2 MAX_WALLCLOCK_SECONDS=${GPU_CHECK_TRAIN_SECONDS:-10} TRAIN_LOG_EVERY=10
            EVAL_SEQ_LEN=128 EVAL_STRIDE=64 NGRAM_AUDIT_POSITIONS=64)
 else  # the default (record) model and schedule; only the wall-clock budget is shorter
-  docs_mb=24 val_docs=4000 ngram_tokens=62021846
+  docs_mb=24 val_docs=4000 ngram_tokens=62021846 ttt_args="--docs 256"
   run_env=(MAX_WALLCLOCK_SECONDS=${GPU_CHECK_TRAIN_SECONDS:-120} TRAIN_LOG_EVERY=25)
 fi
 
@@ -63,6 +64,10 @@ env "${run_env[@]}" python3 "$root/tools/bench_step.py" --muon --steps 3
 
 stage "n-gram precompute and learned mixer, orders 2-7 and 2-16, on $ngram_tokens tokens"
 python3 "$root/tools/bench_ngram.py" --tokens $ngram_tokens --device "$([ $dry = 1 ] && echo cpu || echo cuda)"
+
+stage "TTT: the pass's rate on the configured model (full size on the GPU), projected to 62M tokens on 8 GPUs"
+# shellcheck disable=SC2086
+env "${run_env[@]}" python3 "$root/tools/bench_ttt.py" $ttt_args --ranks 8
 
 stage "summary"
 python3 - logs/gpu_check.txt <<'EOF'

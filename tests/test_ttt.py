@@ -1,0 +1,214 @@
+"""Score-first test-time training (TTT=1): every target scored once, each chunk by adapters trained only on
+earlier chunks of its own document (by construction and by the audit, which must catch an adapter that saw
+its chunk), the same result on any world size, TTT_LR=0 exactly the document-wise eval of the base model,
+and never past the eval budget."""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from conftest import finals, run_script, tiny_args
+from test_eval import FakeRuntime, luts, random_model  # noqa: F401 (luts: a fixture)
+
+BOS = train_gpt.BOS_ID
+TTT = dict(TTT=1, TTT_CHUNK=8, TTT_DOCS=4, TTT_RANK=4, EVAL_SEQ_LEN=32, EVAL_STRIDE=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def doc_stream(lengths, seed: int, repeat: bool = False) -> torch.Tensor:
+    """Documents [BOS] + tokens; with `repeat`, each document repeats a random phrase of its own, something
+    an adapter can learn within the document and the base model cannot know."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for n in lengths:
+        body = torch.randint(2, 512, (n,), generator=g)
+        if repeat:
+            body = torch.randint(2, 512, (6,), generator=g).repeat(n // 6 + 1)[:n]
+        parts += [torch.tensor([BOS]), body]
+    return torch.cat(parts)
+
+
+LENGTHS = [70, 3, 40, 9, 1, 33, 100, 17, 8, 25, 64, 2]  # longer than the window, shorter than a chunk, ...
+
+
+def scores(model, val, args, world=1, adapt_budget=0.0):
+    """The TTT pass as `world` simulated ranks, buffers summed as the all-reduce sums them."""
+    parts = [train_gpt.ttt_scores(model, val, args, FakeRuntime(r, world), train_gpt.Deadline(adapt_budget))
+             for r in range(world)]
+    buf = torch.stack([p[0] for p in parts]).sum(0)
+    return buf[:-1].view(len(train_gpt.SCORE_ROWS), len(val)), torch.stack([p[1] for p in parts]).sum(0)
+
+
+def test_documents_partition_the_targets():
+    for stream in ([BOS, 5, 6, BOS, 7, BOS, BOS, 8, 9], [4, 5, BOS, 6], [BOS, 3, BOS], [BOS, 2], [7, 8, 9, 10]):
+        val = torch.tensor(stream)
+        docs = train_gpt.documents(val)
+        targets = [t for s, e in docs for t in range(s + 1, e + 1)]
+        assert targets == list(range(1, len(val))), (stream, docs)
+        for s, e in docs:
+            assert s == 0 or val[s] == BOS  # a document's inputs start at its BOS
+            assert all(val[t] != BOS for t in range(s + 1, e))  # only its last target may be the next BOS
+
+
+def test_every_target_is_scored_once_and_bytes_are_those_of_the_sliding_pass(luts):
+    model, val = random_model(0), doc_stream(LENGTHS, 1)
+    args = tiny_args(**TTT)
+    rows, adapted = scores(model, val, args)
+    assert torch.equal(rows[3][1:], torch.ones(len(val) - 1)) and rows[3][0] == 0
+    assert int(adapted.sum()) == len(train_gpt.documents(val))
+    res = train_gpt.stream_scores(torch.cat((rows.flatten(), torch.zeros(1))), val, luts, 0.0)
+    sliding = train_gpt.stream_scores(train_gpt.score_windows(model, val, args, FakeRuntime(), lambda *a, **k: None,
+                                                              label="s", seq_len=32, stride=8,
+                                                              deadline=train_gpt.Deadline(0)), val, luts, 0.0)
+    assert res["complete"] and (res["tokens"], res["bytes"]) == (sliding["tokens"], sliding["bytes"])
+
+
+def base_model_reference(model, val, args) -> torch.Tensor:
+    """The document-wise chunked eval of the base model, one window at a time: target t of a document that
+    starts at s, in the chunk that ends at b, scored by a forward of tokens [max(s, b - EVAL_SEQ_LEN), b)."""
+    nll = torch.zeros(len(val), dtype=torch.float64)
+    C, L = args.ttt_chunk, args.eval_seq_len
+    with torch.no_grad():
+        for s, e in train_gpt.documents(val):
+            for a in range(s, e, C):
+                b = min(a + C, e)
+                w = max(s, b - L)
+                logp = torch.log_softmax(model.logits(model.hidden(val[w:b][None])[0], torch.float64), -1)
+                for t in range(a + 1, b + 1):
+                    nll[t] = -logp[t - 1 - w, val[t]]
+    return nll
+
+
+def test_lr_zero_is_the_document_wise_eval_of_the_base_model():
+    """TTT_LR=0: the adapters never move, so the pass is the base model scoring each document's chunks from its
+    own prefix: equal to the pass without adapters, and to a window-by-window reference (float32 body, batched
+    differently: within 1e-5)."""
+    model, val = random_model(1), doc_stream(LENGTHS, 2)
+    zero, _ = scores(model, val, tiny_args(**TTT, TTT_LR=0))
+    unadapted, adapted = scores(model, val, tiny_args(**TTT, TTT_RESERVE_SECONDS=1e6), adapt_budget=1000.0)
+    assert 0 < int(adapted.sum()) < len(train_gpt.documents(val))  # only the first batch adapted (budget)
+    docs, batches = train_gpt.documents(val), train_gpt.ttt_batches(train_gpt.documents(val), 4)
+    later = [t for d in sum(batches[1:], []) for t in range(docs[d][0] + 1, docs[d][1] + 1)]
+    assert torch.equal(zero[:, later], unadapted[:, later])
+    ref = base_model_reference(model, val, tiny_args(**TTT))
+    np.testing.assert_allclose(zero[0].numpy(), ref.numpy(), rtol=0, atol=1e-5)
+
+
+def test_adapters_learn_within_a_document_and_start_as_the_base_model():
+    """On documents that repeat a phrase of their own, adaptation lowers the loss of later chunks; the first chunk
+    of every document is scored before any step (B = 0): exactly the base model's score."""
+    model, val = random_model(2), doc_stream([96] * 8, 3, repeat=True)
+    base, _ = scores(model, val, tiny_args(**TTT, TTT_LR=0))
+    ttt, _ = scores(model, val, tiny_args(**TTT, TTT_LR=3e-3))
+    docs = train_gpt.documents(val)
+    first = [t for s, e in docs for t in range(s + 1, min(s + 9, e + 1))]
+    later = [t for s, e in docs for t in range(s + 9, e + 1)]
+    assert torch.equal(ttt[0][first], base[0][first])
+    assert float(ttt[0][later].mean()) < float(base[0][later].mean()) - 0.5, (ttt[0][later].mean(), base[0][later].mean())
+
+
+def test_same_result_on_any_world_size_and_batch_neighbours():
+    """Batches are the same on any world size (longest documents first, TTT_DOCS a batch), each owned by one rank:
+    1, 2 and 3 simulated ranks give bitwise the same stream. Other neighbours (TTT_DOCS=3) change a document's
+    numbers only by float rounding."""
+    model, val = random_model(3), doc_stream(LENGTHS, 4)
+    args = tiny_args(**TTT, TTT_LR=3e-3)
+    one, _ = scores(model, val, args)
+    for world in (2, 3):
+        assert torch.equal(scores(model, val, args, world)[0], one), world
+    other, _ = scores(model, val, tiny_args(**dict(TTT, TTT_DOCS=3), TTT_LR=3e-3))
+    np.testing.assert_allclose(other[0].numpy(), one[0].numpy(), rtol=0, atol=1e-4)
+
+
+def audit_errors(model, val, args, nll, adapted, picks):
+    rows = train_gpt.ttt_audit_rows(model, val, picks, args, FakeRuntime(), adapted)
+    return [abs(float(row[val[t]].exp()) - math.exp(-float(nll[t]))) for t, row in zip(picks, rows)]
+
+
+def test_audit_replays_the_adaptation_and_catches_an_adapter_that_saw_its_chunk():
+    """The audit's replay of t's batch up to t's chunk, with t's document changed from t on, gives the fast path's
+    p(x_t) to float64 precision; a fast path whose adapters took their step on a chunk before scoring it (peeking
+    at x_t) is off by far more than the tolerance, at the default TTT_LR."""
+    model, val = random_model(4), doc_stream([96] * 4 + [40] * 4, 5, repeat=True)
+    args = tiny_args(**TTT)
+    assert args.ttt_lr == 1e-4  # the default
+    rows, adapted = scores(model, val, args)
+    docs = train_gpt.documents(val)
+    picks = [s + k for s, e in docs for k in (1, 8, 9, 17, 40, 95) if s + k <= e]
+    assert max(audit_errors(model, val, args, rows[0], adapted, picks)) <= train_gpt.AUDIT_TOL / 100
+    peek = torch.zeros(len(val), dtype=torch.float64)
+    for batch in train_gpt.ttt_batches(docs, args.ttt_docs):
+        b = train_gpt.DocBatch(model, val, [docs[d] for d in batch], args, FakeRuntime(), True)
+        for i in range(b.steps):
+            b.chunk(i)
+            b.learn()  # the step on chunk i before chunk i is scored
+            pos, _, nll = b.chunk(i)
+            peek[pos] = nll
+    errs = audit_errors(model, val, args, peek, adapted, picks)
+    assert max(errs) > 100 * train_gpt.AUDIT_TOL, max(errs)
+
+
+@pytest.fixture(scope="module")
+def ttt_runs(trained_run, corpus, tmp_path_factory):
+    """EVAL_ONLY runs of the trained tiny artifact with TTT=1: one process, two under the NCCL contract, and one
+    whose reserve leaves no room to adapt past the first batch."""
+    out = {}
+    for name, nproc, extra in (("one", 1, {}), ("two", 2, {}), ("budget", 1, dict(TTT_RESERVE_SECONDS=599.999))):
+        cwd = tmp_path_factory.mktemp(f"ttt_{name}")
+        art = cwd / "copy.ptz"
+        shutil.copy(trained_run["artifact"], art)
+        out[name] = run_script(corpus, cwd, nproc=nproc, EVAL_ONLY=1, ARTIFACT_PATH=str(art), EVAL_BUDGET_SECONDS=600,
+                               TTT=1, TTT_DOCS=16, TTT_RANK=8, **extra)
+        assert out[name].returncode == 0, out[name].stdout[-3000:] + out[name].stderr[-3000:]
+    return out
+
+
+TTT_LINE = re.compile(r"^ttt docs:(\d+) adapted:(\d+) rank:8 lr:0.0001 chunk:32 docs_per_batch:16 "
+                      r"targets:q,k,v,o,mlp,head ms:\d+$", re.M)
+
+
+def test_whole_eval_with_ttt_reports_and_audits(ttt_runs, trained_run):
+    proc = ttt_runs["one"]
+    got, want = finals(proc.stdout), trained_run["finals"]
+    assert list(got) == ["roundtrip", "sliding", "ttt", "ngram"]
+    for kind in ("ttt", "ngram"):
+        assert (got[kind]["tokens"], got[kind]["bytes"], got[kind]["coverage"]) == \
+               (want["sliding"]["tokens"], want["sliding"]["bytes"], 1.0)
+    assert got["sliding"]["val_bpb"] == want["sliding"]["val_bpb"]
+    (docs, adapted), = TTT_LINE.findall(proc.stdout)
+    assert int(docs) == int(adapted) == 100  # the corpus's validation documents, all adapted
+    audit = re.search(r"^ngram_audit positions:(\d+) max_sum_err:\S+ max_target_err:(\S+) order_mismatch:0 tol:\S+ "
+                      r"sampled:(\d+)$", proc.stdout, re.M)
+    assert audit and audit.group(1) == audit.group(3) and float(audit.group(2)) <= 1e-6
+    assert re.search(r"^eval_time .*sliding_ms:\d+ ttt_ms:\d+ ngram_precompute_ms", proc.stdout, re.M)
+
+
+def test_two_processes_give_the_same_ttt_score(ttt_runs):
+    one, two = finals(ttt_runs["one"].stdout), finals(ttt_runs["two"].stdout)
+    for kind in ("ttt", "ngram"):
+        assert two[kind]["val_bpb"] == pytest.approx(one[kind]["val_bpb"], rel=1e-9), kind
+    assert ttt_runs["two"].collectives["all_reduce"] >= 5
+
+
+def test_a_tight_budget_scores_everything_and_adapts_what_fits(ttt_runs):
+    """Reserve all but a millisecond of the budget for the rest of the eval: after the first batch the rate says
+    there is no room to adapt, so the other documents are scored as the base model, and the score is whole."""
+    proc = ttt_runs["budget"]
+    (docs, adapted), = TTT_LINE.findall(proc.stdout)
+    assert int(adapted) == 16 < int(docs)
+    f = finals(proc.stdout)
+    assert f["ttt"]["coverage"] == 1.0 and f["ngram"]["coverage"] == 1.0
+    assert f["ttt"]["val_bpb"] != finals(ttt_runs["one"].stdout)["ttt"]["val_bpb"]

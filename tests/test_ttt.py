@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt
-from conftest import finals, run_script, tiny_args
+from conftest import SCRIPT, command, contract_record, finals, script_env, tiny_args
 from test_eval import FakeRuntime, luts, random_model  # noqa: F401 (luts: a fixture)
 
 BOS = train_gpt.BOS_ID
@@ -163,16 +164,25 @@ def test_audit_replays_the_adaptation_and_catches_an_adapter_that_saw_its_chunk(
 
 @pytest.fixture(scope="module")
 def ttt_runs(trained_run, corpus, tmp_path_factory):
-    """EVAL_ONLY runs of the trained tiny artifact with TTT=1: one process, two under the NCCL contract, and one
-    whose reserve leaves no room to adapt past the first batch."""
-    out = {}
+    """EVAL_ONLY runs of the trained tiny artifact with TTT=1, launched together: one process, two under the NCCL
+    contract, and one whose reserve leaves no room to adapt past the first batch."""
+    jobs = {}
     for name, nproc, extra in (("one", 1, {}), ("two", 2, {}), ("budget", 1, dict(TTT_RESERVE_SECONDS=599.999))):
         cwd = tmp_path_factory.mktemp(f"ttt_{name}")
         art = cwd / "copy.ptz"
         shutil.copy(trained_run["artifact"], art)
-        out[name] = run_script(corpus, cwd, nproc=nproc, EVAL_ONLY=1, ARTIFACT_PATH=str(art), EVAL_BUDGET_SECONDS=600,
-                               TTT=1, TTT_DOCS=16, TTT_RANK=8, **extra)
-        assert out[name].returncode == 0, out[name].stdout[-3000:] + out[name].stderr[-3000:]
+        env = script_env(corpus, str(cwd), EVAL_ONLY=1, ARTIFACT_PATH=str(art), EVAL_BUDGET_SECONDS=600, TTT=1,
+                         TTT_DOCS=16, TTT_RANK=8, **extra)
+        jobs[name] = (cwd, nproc, subprocess.Popen(command(SCRIPT, nproc), cwd=str(cwd), env=env, text=True,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    out = {}
+    for name, (cwd, nproc, proc) in jobs.items():
+        stdout, stderr = proc.communicate(timeout=400)
+        out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        assert proc.returncode == 0, (name, stdout[-3000:], [l for l in stderr.splitlines() if "rror" in l or
+                                                              "terminate" in l or "abort" in l.lower()][:20])
+        if nproc > 1:
+            out[name].collectives = contract_record(cwd, nproc)
     return out
 
 

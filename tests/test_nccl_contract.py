@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -90,25 +89,36 @@ def test_every_collective_the_script_calls_is_checked():
     assert called - not_collectives <= set(nccl_contract.CHECKED), called - not_collectives - set(nccl_contract.CHECKED)
 
 
-def test_a_violation_ends_the_run_at_once_with_one_line(tmp_path):
-    """Two gloo processes, one collective NCCL would reject: both ranks stop with the contract's line and
-    exit code 97 within seconds (without the contract gloo would take it, and with a real mismatch the other
-    rank would wait out the process group's timeout)."""
-    script = tmp_path / "bad.py"
-    script.write_text(textwrap.dedent("""
-        import torch, torch.distributed as dist
-        dist.init_process_group("gloo")
-        x = torch.arange(12.0).view(4, 3).T  # a transposed view: gloo flattens it, NCCL refuses it
-        out = [torch.empty(3, 4) for _ in range(2)]
-        dist.all_gather(out, x)
-        print("gathered", flush=True)
-    """))
+TRANSPOSED_GATHER = """
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+x = torch.arange(12.0).view(4, 3).T  # a transposed view: gloo flattens it, NCCL refuses it
+out = [torch.empty(3, 4) for _ in range(2)]
+dist.all_gather(out, x)
+open(f"gathered.rank{dist.get_rank()}", "w").write(str(torch.equal(out[0], x)))
+dist.destroy_process_group()
+"""
+
+
+def run_transposed_gather(tmp_path, contract: bool) -> subprocess.CompletedProcess:
+    """Two gloo processes all-gathering a transposed view, under the NCCL contract or under plain torchrun."""
+    script = tmp_path / "gather.py"
+    script.write_text(TRANSPOSED_GATHER)
+    cmd = command(str(script), 2) if contract else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "PYTHONPATH", "LANG")}
+    return subprocess.run(cmd, cwd=str(tmp_path), env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_violation_ends_the_run_at_once_with_one_line(tmp_path):
+    """One collective NCCL would reject: both ranks stop with the contract's line and exit code 97 within seconds,
+    before the collective runs (with a real mismatch the other rank would wait out the group's timeout)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(command(str(script), 2), cwd=str(tmp_path), env=dict(env, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "gathered" not in proc.stdout
-    lines = re.findall(r"^nccl_contract: rank (\d): all_gather input \(3, 4\) stride=\(1, 3\) is not contiguous", proc.stderr, re.M)
+    proc = run_transposed_gather(tmp_path, contract=True)
+    assert proc.returncode != 0 and not list(tmp_path.glob("gathered.rank*"))
+    lines = re.findall(r"^nccl_contract: rank (\d): all_gather input \(3, 4\) stride=\(1, 3\) is not contiguous",
+                       proc.stderr, re.M)
     assert lines, proc.stderr[-2000:]
     assert "exitcode  : 97" in proc.stderr or "exitcode: 97" in proc.stderr
     assert time.perf_counter() - t0 < 60
@@ -116,19 +126,6 @@ def test_a_violation_ends_the_run_at_once_with_one_line(tmp_path):
 
 def test_the_gloo_backend_alone_takes_what_nccl_refuses(tmp_path):
     """Why the contract exists: the same script without it runs to the end under gloo."""
-    script = tmp_path / "bad.py"
-    script.write_text(textwrap.dedent("""
-        import torch, torch.distributed as dist
-        dist.init_process_group("gloo")
-        x = torch.arange(12.0).view(4, 3).T
-        out = [torch.empty(3, 4) for _ in range(2)]
-        dist.all_gather(out, x)
-        open(f"gathered.rank{dist.get_rank()}", "w").write(str(torch.equal(out[0], x)))
-        dist.destroy_process_group()
-    """))
-    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "PYTHONPATH", "LANG")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=120)
+    proc = run_transposed_gather(tmp_path, contract=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [(tmp_path / f"gathered.rank{r}").read_text() for r in range(2)] == ["True", "True"]

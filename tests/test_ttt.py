@@ -15,18 +15,10 @@ import torch
 
 import train_gpt
 from conftest import SCRIPT, command, contract_record, finals, script_env, tiny_args
-from test_eval import FakeRuntime, luts, random_model  # noqa: F401 (luts: a fixture)
+from test_eval import FakeRuntime, luts, one_thread, random_model  # noqa: F401 (fixtures: luts, one_thread)
 
 BOS = train_gpt.BOS_ID
 TTT = dict(TTT=1, TTT_CHUNK=8, TTT_DOCS=4, TTT_RANK=4, EVAL_SEQ_LEN=32, EVAL_STRIDE=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def doc_stream(lengths, seed: int, repeat: bool = False) -> torch.Tensor:

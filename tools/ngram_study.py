@@ -24,25 +24,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as T  # noqa: E402
 
 
+def sliding_pass(cache: str | None):
+    """The environment's eval setup, the artifact's model and its sliding pass (read from `cache` if there)."""
+    args = T.Hyperparameters()
+    rt = T.Runtime(args.device)
+    sp = T.load_tokenizer(args.tokenizer_path, args.vocab_size)
+    val = T.load_validation(args, rt)
+    luts = tuple(torch.from_numpy(x).to(rt.device) for x in T.byte_luts(sp))
+    model = T.load_artifact_model(args, rt)
+    if cache and os.path.exists(cache):
+        res = torch.load(cache, map_location=rt.device)
+    else:
+        res = T.evaluate(model, val, luts, args, rt, print, label="sliding", seq_len=args.eval_seq_len,
+                         stride=args.eval_stride, deadline=T.Deadline(0))
+        if cache:
+            torch.save(res, cache)
+    print(T.final_line("sliding", res), flush=True)
+    return args, rt, val, luts, model, res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-orders", type=int, nargs="+", default=[7, 16])
     ap.add_argument("--mixers", nargs="+", default=["fixed", "learned"])
     ap.add_argument("--cache", help="a file for the pass's per-target scores: written once, read on later runs")
     a = ap.parse_args()
-    args = T.Hyperparameters()
-    rt = T.Runtime(args.device)
-    sp = T.load_tokenizer(args.tokenizer_path, args.vocab_size)
-    val = T.load_validation(args, rt)
-    luts = tuple(torch.from_numpy(x).to(rt.device) for x in T.byte_luts(sp))
-    if a.cache and os.path.exists(a.cache):
-        res = torch.load(a.cache, map_location=rt.device)
-    else:
-        res = T.evaluate(T.load_artifact_model(args, rt), val, luts, args, rt, print, label="sliding",
-                         seq_len=args.eval_seq_len, stride=args.eval_stride, deadline=T.Deadline(0))
-        if a.cache:
-            torch.save(res, a.cache)
-    print(T.final_line("sliding", res), flush=True)
+    args, rt, val, luts, _, res = sliding_pass(a.cache)
     for max_order in a.max_orders:
         t0 = time.perf_counter()
         tables = T.ngram_tables(val, args.vocab_size, args.ngram_min_order, max_order, args.ngram_min_count)

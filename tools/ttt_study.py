@@ -17,10 +17,9 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as T  # noqa: E402
+from ngram_study import sliding_pass  # noqa: E402
 
 
 def main() -> None:
@@ -28,20 +27,7 @@ def main() -> None:
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.0, 1e-4])
     ap.add_argument("--cache", help="a file for the sliding pass's per-target scores: written once, read later")
     a = ap.parse_args()
-    args = T.Hyperparameters()
-    rt = T.Runtime(args.device)
-    sp = T.load_tokenizer(args.tokenizer_path, args.vocab_size)
-    val = T.load_validation(args, rt)
-    luts = tuple(torch.from_numpy(x).to(rt.device) for x in T.byte_luts(sp))
-    model = T.load_artifact_model(args, rt)
-    if a.cache and os.path.exists(a.cache):
-        sliding = torch.load(a.cache, map_location=rt.device)
-    else:
-        sliding = T.evaluate(model, val, luts, args, rt, print, label="sliding", seq_len=args.eval_seq_len,
-                             stride=args.eval_stride, deadline=T.Deadline(0))
-        if a.cache:
-            torch.save(sliding, a.cache)
-    print(T.final_line("sliding", sliding), flush=True)
+    args, rt, val, luts, model, sliding = sliding_pass(a.cache)
     tables = T.ngram_tables(val, args.vocab_size, args.ngram_min_order, args.ngram_max_order, args.ngram_min_count)
     base_mixed = T.ngram_mixture(sliding, tables, args)["bpb_mixed"]
     print(f"sliding+ngram val_bpb:{base_mixed:.5f} documents:{len(T.documents(val))} "

@@ -1508,6 +1508,18 @@ def ttt_scores(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime,
     return buf, adapted
 
 
+def switched(sliding: dict, ttt: dict) -> dict:
+    """The TTT pass behind a switch: p(x_t) = w_t p_ttt + (1 - w_t) p_sliding, w_t the posterior (prior 1/2) that
+    TTT predicted the targets before t better; so over any prefix it costs at most 1 bit more than the better pass."""
+    a, b = sliding["stream"]["nll"], ttt["stream"]["nll"]
+    evidence = torch.cumsum(a - b, 0) - (a - b)
+    nll = -torch.logaddexp(F.logsigmoid(evidence) - b, F.logsigmoid(-evidence) - a)
+    loss = float(nll.sum().item())
+    return dict(ttt, stream=dict(ttt["stream"], nll=nll), switch_evidence=evidence, bpb_adapted=ttt["bpb_model"],
+                complete=sliding["complete"] and ttt["complete"], loss_model=loss / max(ttt["tokens"], 1),
+                bpb_model=loss / math.log(2) / max(ttt["bytes"], 1))
+
+
 def ttt_audit_rows(model: GPT, val: Tensor, positions: list[int], args: Hyperparameters, rt: Runtime,
                    adapted: Tensor) -> Tensor:
     """The model's row at each target t from a replay of t's batch up to t's chunk, in the fast path's shapes,
@@ -1612,18 +1624,19 @@ def audit_model_logp(model: GPT, val: Tensor, positions: list[int], args: Hyperp
 
 
 def audit_ngram(records: list, logp_rows: Tensor, tokens: Tensor, vocab: int, args: Hyperparameters, alpha_at,
-                dist_fn=brute_force_ngram) -> dict:
+                dist_fn=brute_force_ngram, feature_rows: Tensor | None = None) -> dict:
     """For each record (t, p_fast, order_fast) and its own model row: the mixture of that row and the brute-force
-    n-gram, alpha recomputed by alpha_at(t, phi, offset) from the row and the raw counts, written out here, must
-    sum to 1, give x_t the fast path's probability and use its order."""
+    n-gram, alpha recomputed by alpha_at(t, phi, offset) from the raw counts and the row's entropy and top probability
+    (or feature_rows'), written out here, must sum to 1, give x_t the fast path's probability and use its order."""
     sum_err, target_err, order_mismatch = 0.0, 0.0, 0
-    for (t, p_fast, order_fast), logp in zip(records, logp_rows):
-        p_model = logp.exp()
+    feature_rows = logp_rows if feature_rows is None else feature_rows
+    for (t, p_fast, order_fast), logp, feat in zip(records, logp_rows, feature_rows):
+        p_model, p_feat = logp.exp(), feat.exp()
         dist_ng, order, count = dist_fn(tokens, t, vocab, args)
         p_mix = p_model
         if dist_ng is not None:
-            entropy, c = -(p_model * logp).sum(), torch.tensor(float(count), dtype=torch.float64, device=logp.device)
-            feats = (torch.tensor(order, device=logp.device), c, torch.round(dist_ng.max() * c), entropy, p_model.max())
+            entropy, c = -(p_feat * feat).sum(), torch.tensor(float(count), dtype=torch.float64, device=logp.device)
+            feats = (torch.tensor(order, device=logp.device), c, torch.round(dist_ng.max() * c), entropy, p_feat.max())
             alpha = alpha_at(t, *mixer_inputs(*(v.reshape(1) for v in feats), args))[0]
             p_mix = (1 - alpha) * p_model + alpha * dist_ng
         sum_err = max(sum_err, abs(float(p_mix.sum()) - 1.0))
@@ -1638,10 +1651,13 @@ def run_audit(model: GPT, val: Tensor, mixed: dict, tables: NgramTables, picks: 
     """Each rank audits every world_size-th sampled position; the reports are merged on every rank."""
     mine = picks[rt.rank::rt.world_size]
     records = [(t, math.exp(-float(mixed["nll_mixed"][t])), int(tables.order[t])) for t in mine]
-    rows = (ttt_audit_rows(model, val, mine, args, rt, mixed["adapted"]) if args.ttt
-            else audit_model_logp(model, val, mine, args, rt))
-    parts = rt.gather_objects(dict(audit_ngram(records, rows, val, args.vocab_size, args, mixed["mixer"].alpha_at),
-                                   late=deadline.passed()))
+    rows = feature_rows = audit_model_logp(model, val, mine, args, rt)
+    if args.ttt:  # the switch's mixture of the replayed TTT row and the sliding row; the features are the TTT row's
+        feature_rows = ttt_audit_rows(model, val, mine, args, rt, mixed["adapted"])
+        ev = mixed["switch_evidence"][torch.tensor(mine, dtype=torch.int64, device=val.device)][:, None]
+        rows = torch.logaddexp(F.logsigmoid(ev) + feature_rows, F.logsigmoid(-ev) + rows)
+    parts = rt.gather_objects(dict(audit_ngram(records, rows, val, args.vocab_size, args, mixed["mixer"].alpha_at,
+                                               feature_rows=feature_rows), late=deadline.passed()))
     return {"positions": sum(p["positions"] for p in parts), "order_mismatch": sum(p["order_mismatch"] for p in parts),
             **{k: max(p[k] for p in parts) for k in ("max_sum_err", "max_target_err")},
             "late": any(p["late"] for p in parts)}
@@ -1675,10 +1691,11 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
     if args.ttt:
         t0 = time.perf_counter()
         buf, adapted = ttt_scores(model, val, args, rt, deadline)
-        base = dict(stream_scores(rt.all_reduce(buf), val, luts, t0), adapted=rt.all_reduce(adapted))
-        timings["ttt_ms"] = base["eval_ms"]
+        base = dict(switched(res, stream_scores(rt.all_reduce(buf), val, luts, t0)), adapted=rt.all_reduce(adapted))
+        timings["ttt_ms"], weight = base["eval_ms"], float(torch.sigmoid(base["switch_evidence"][-1]))
         log(f"ttt docs:{len(adapted)} adapted:{int(base['adapted'].sum())} rank:{args.ttt_rank} lr:{args.ttt_lr:g} "
-            f"chunk:{args.ttt_chunk} docs_per_batch:{args.ttt_docs} targets:{args.ttt_targets} ms:{base['eval_ms']:.0f}"
+            f"chunk:{args.ttt_chunk} docs_per_batch:{args.ttt_docs} targets:{args.ttt_targets} "
+            f"ms:{base['eval_ms']:.0f} val_bpb_adapted:{base['bpb_adapted']:.8f} switch_weight:{weight:.4f}"
             + (f" peak_memory_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}" if rt.is_cuda else ""))
         log(final_line("ttt", base, "model"))
     if args.ngram:

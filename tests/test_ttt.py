@@ -15,7 +15,7 @@ import torch
 
 import train_gpt
 from conftest import SCRIPT, command, contract_record, finals, script_env, tiny_args
-from test_eval import FakeRuntime, luts, one_thread, random_model  # noqa: F401 (fixtures: luts, one_thread)
+from test_eval import FakeRuntime, luts, one_thread, random_model, run_eval  # noqa: F401 (fixtures: luts, one_thread)
 
 BOS = train_gpt.BOS_ID
 TTT = dict(TTT=1, TTT_CHUNK=8, TTT_DOCS=4, TTT_RANK=4, EVAL_SEQ_LEN=32, EVAL_STRIDE=8)
@@ -126,6 +126,34 @@ def test_same_result_on_any_world_size_and_batch_neighbours():
     np.testing.assert_allclose(other[0].numpy(), one[0].numpy(), rtol=0, atol=1e-4)
 
 
+def streams(a, b):
+    res = [{"stream": {"nll": nll}, "tokens": len(nll) - 1, "bytes": 3 * len(nll), "bpb_model": 1.0, "complete": True}
+           for nll in (a, b)]
+    return train_gpt.switched(*res)
+
+
+def test_the_switch_is_causal_and_never_costs_over_a_bit():
+    """The switched stream is p = w_t p_ttt + (1 - w_t) p_sliding with w_t from the targets before t only; over
+    every prefix its loss is at most the better pass's + log 2; the weight goes to the pass that predicts better."""
+    g = torch.Generator().manual_seed(0)
+    a = 3 * torch.rand(500, generator=g, dtype=torch.float64)
+    b = (a - 0.3 + 0.5 * torch.randn(500, generator=g, dtype=torch.float64)).clamp(min=0.01)
+    a[0] = b[0] = 0  # position 0 is no target: both passes leave it at zero
+    for sliding, ttt, ttt_wins in ((a, b, True), (b, a, False)):
+        out = streams(sliding, ttt)
+        w, nll = torch.sigmoid(out["switch_evidence"]), out["stream"]["nll"]
+        assert nll[0] == 0 and w[0] == 0.5 and bool(w[-1] > 0.99) == ttt_wins and bool(w[-1] < 0.01) != ttt_wins
+        torch.testing.assert_close(torch.exp(-nll), w * torch.exp(-ttt) + (1 - w) * torch.exp(-sliding), rtol=1e-12,
+                                   atol=0)
+        best = torch.minimum(torch.cumsum(sliding, 0), torch.cumsum(ttt, 0))
+        assert bool((torch.cumsum(nll, 0) <= best + math.log(2) + 1e-9).all())
+        assert out["loss_model"] == pytest.approx(float(nll.sum()) / 499, rel=1e-12)
+        for t in (1, 2, 100, 499):  # every outcome from t on changed: the weight at t is the same, bit for bit
+            s2, t2 = sliding.clone(), ttt.clone()
+            s2[t:], t2[t:] = t2[t:] + 1, s2[t:] * 2
+            assert torch.equal(streams(s2, t2)["switch_evidence"][:t + 1], out["switch_evidence"][:t + 1])
+
+
 def audit_errors(model, val, args, nll, adapted, picks):
     rows = train_gpt.ttt_audit_rows(model, val, picks, args, FakeRuntime(), adapted)
     return [abs(float(row[val[t]].exp()) - math.exp(-float(nll[t]))) for t, row in zip(picks, rows)]
@@ -154,6 +182,33 @@ def test_audit_replays_the_adaptation_and_catches_an_adapter_that_saw_its_chunk(
     assert max(errs) > 100 * train_gpt.AUDIT_TOL, max(errs)
 
 
+def test_the_audit_rebuilds_the_switch(luts):
+    """With TTT=1 the audit mixes its replayed TTT row and its own sliding row by the switch's weight at t, so it
+    passes on the fast path and fails when the weight used to score is not the one the evidence gives."""
+    model, val = random_model(4), doc_stream([96] * 4 + [40] * 4, 5, repeat=True)
+    args = tiny_args(**TTT, TTT_LR=0.03)  # adapters that move p(x_t) far from the sliding pass's
+    sliding = run_eval(model, val, luts, args, 1, args.eval_seq_len, args.eval_stride)
+    buf, adapted = train_gpt.ttt_scores(model, val, args, FakeRuntime(), train_gpt.Deadline(0))
+    ttt = train_gpt.stream_scores(buf, val, luts, 0.0)
+    base = dict(train_gpt.switched(sliding, ttt), adapted=adapted)
+    tables = train_gpt.ngram_tables(val, 512, 2, 7, 2)
+    # every 7th target, and the 5 where the switch matters most: the weight on the sliding pass x the passes' gap
+    w = torch.sigmoid(base["switch_evidence"])
+    gap = (1 - w) * (torch.exp(-sliding["stream"]["nll"]) - torch.exp(-ttt["stream"]["nll"])).abs()
+    picks = sorted(set(range(1, len(val), 7)) | set(torch.topk(gap, 5).indices.tolist()))
+    assert float(gap.max()) > 1e-3 and float(w[-1]) > 0.99  # the adapters won, but not from the start
+
+    def audit(res):
+        mixed = train_gpt.ngram_mixture(res, tables, args)
+        return train_gpt.run_audit(model, val, mixed, tables, picks, args, FakeRuntime(), train_gpt.Deadline(0))
+
+    assert audit(base)["max_target_err"] <= train_gpt.AUDIT_TOL / 100
+    flipped = dict(base, switch_evidence=-base["switch_evidence"])  # weights other than those it scored with
+    assert audit(flipped)["max_target_err"] > 100 * train_gpt.AUDIT_TOL
+    unswitched = dict(base, stream=ttt["stream"])  # the adapted pass's own scores, reported as the switch's
+    assert audit(unswitched)["max_target_err"] > 100 * train_gpt.AUDIT_TOL
+
+
 @pytest.fixture(scope="module")
 def ttt_runs(trained_run, corpus, tmp_path_factory):
     """EVAL_ONLY runs of the trained tiny artifact with TTT=1, launched together: one process, two under the NCCL
@@ -179,7 +234,7 @@ def ttt_runs(trained_run, corpus, tmp_path_factory):
 
 
 TTT_LINE = re.compile(r"^ttt docs:(\d+) adapted:(\d+) rank:8 lr:0.0001 chunk:32 docs_per_batch:16 "
-                      r"targets:q,k,v,o,mlp,head ms:\d+$", re.M)
+                      r"targets:q,k,v,o,mlp,head ms:\d+ val_bpb_adapted:(\d\.\d{8}) switch_weight:(\d\.\d{4})$", re.M)
 
 
 def test_whole_eval_with_ttt_reports_and_audits(ttt_runs, trained_run):
@@ -190,8 +245,11 @@ def test_whole_eval_with_ttt_reports_and_audits(ttt_runs, trained_run):
         assert (got[kind]["tokens"], got[kind]["bytes"], got[kind]["coverage"]) == \
                (want["sliding"]["tokens"], want["sliding"]["bytes"], 1.0)
     assert got["sliding"]["val_bpb"] == want["sliding"]["val_bpb"]
-    (docs, adapted), = TTT_LINE.findall(proc.stdout)
+    (docs, adapted, adapted_bpb, weight), = TTT_LINE.findall(proc.stdout)
     assert int(docs) == int(adapted) == 100  # the corpus's validation documents, all adapted
+    # final_ttt is the switch: within a bit over the validation bytes of the better of the two passes
+    bound = 1 / got["ttt"]["bytes"]
+    assert got["ttt"]["val_bpb"] <= min(float(adapted_bpb), got["sliding"]["val_bpb"]) + bound + 1e-8
     audit = re.search(r"^ngram_audit positions:(\d+) max_sum_err:\S+ max_target_err:(\S+) order_mismatch:0 tol:\S+ "
                       r"sampled:(\d+)$", proc.stdout, re.M)
     assert audit and audit.group(1) == audit.group(3) and float(audit.group(2)) <= 1e-6
@@ -209,7 +267,7 @@ def test_a_tight_budget_scores_everything_and_adapts_what_fits(ttt_runs):
     """Reserve all but a millisecond of the budget for the rest of the eval: after the first batch the rate says
     there is no room to adapt, so the other documents are scored as the base model, and the score is whole."""
     proc = ttt_runs["budget"]
-    (docs, adapted), = TTT_LINE.findall(proc.stdout)
+    (docs, adapted, adapted_bpb, weight), = TTT_LINE.findall(proc.stdout)
     assert int(adapted) == 16 < int(docs)
     f = finals(proc.stdout)
     assert f["ttt"]["coverage"] == 1.0 and f["ngram"]["coverage"] == 1.0

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import datetime
 import glob
+import heapq
 import json
 import math
 import os
@@ -828,15 +829,16 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # Export: a budget-fit mixed int5/int6 quantization, deterministic serialization, zstd-22
 
-ARTIFACT_FORMAT = "pgolf-mixed-int-v2"
+ARTIFACT_FORMAT = "pgolf-mixed-int-v3"
 CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75)
 FP16_MAX_ELEMENTS = 8192
+FP16_ROWS = ("tok_emb.weight",)  # rows may stay fp16: the tied embedding, also the output head (see BudgetFit)
 
 
 def quant_levels(name: str, t: Tensor) -> int:
-    """Default qmax (0: fp16): int5 for MLP matrices, int6 for attention and the bigram table and projection;
-    the tied embedding (also the output head) and small tensors stay fp16."""
-    if t.ndim != 2 or t.numel() <= FP16_MAX_ELEMENTS or name == "tok_emb.weight":
+    """The coarsest range a tensor may take, its qmax (0: fp16 always): int5 for MLP matrices, int6 for attention,
+    the bigram table and projection and the tied embedding; small tensors stay fp16."""
+    if t.ndim != 2 or t.numel() <= FP16_MAX_ELEMENTS:
         return 0
     return 15 if ".mlp." in name else 31
 
@@ -923,10 +925,20 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: Tensor, u: Tensor, block: int = 1
     return q.to(torch.int8)
 
 
-def code_entropy_bytes(q: Tensor) -> float:
-    """Order-0 entropy of a tensor's codes in bytes: what an entropy coder needs, near what zstd takes."""
-    p = torch.bincount(q.flatten().long() + 128, minlength=256).double() / q.numel()
-    return float(-(p[p > 0] * p[p > 0].log2()).sum()) * q.numel() / 8
+def coded_bytes(b: Tensor) -> float:
+    """Bytes of a Huffman code for a tensor's bytes (fp16: its low and its high bytes apart, as the payload lays
+    them out). zstd codes literals so: closer to its size than the entropy (up to 8% under it on peaked codes)."""
+    if b.dtype == torch.float16:
+        planes = b.contiguous().view(-1).view(torch.uint8)
+        return coded_bytes(planes[0::2]) + coded_bytes(planes[1::2])
+    heap = [c for c in torch.bincount(b.contiguous().view(-1).view(torch.uint8).long(), minlength=256).tolist() if c]
+    heapq.heapify(heap)
+    bits = 0
+    while len(heap) > 1:  # each merge adds a bit to the code of every byte under it
+        merged = heapq.heappop(heap) + heapq.heappop(heap)
+        bits += merged
+        heapq.heappush(heap, merged)
+    return bits / 8
 
 
 QMAX_LADDER = (15, 31, 63, 127)  # int5, int6, int7, int8: the codes are stored as int8 whatever the range
@@ -935,7 +947,7 @@ QMAX_LADDER = (15, 31, 63, 127)  # int5, int6, int7, int8: the codes are stored 
 class BudgetFit:
     """Every row's step from one trade-off for the whole artifact (README, budget fit): step = c / sqrt(Fisher
     per weight), between the finest its range allows and half its largest weight; a tensor moves up the ladder
-    (int5 -> int8) while most of its rows want finer steps. Without statistics every weight counts the same."""
+    (int5 -> int8, the embedding on to fp16) while most rows want finer steps. No statistics: all weights equal."""
 
     def __init__(self, state: dict[str, Tensor], stats: dict | None):
         self.fixed, self.rows = {}, {}
@@ -952,20 +964,22 @@ class BudgetFit:
                                "sens": a.clamp_min(1e-3 * float(a.mean()) or 1e-30),  # rows the data never reached
                                "coarse": torch.maximum(fp16_scale(t.abs().amax(1) / 2), fine[qmax])}
         # the fp16 tensors never change: their frames are measured once; the estimate covers the rest
-        self.fixed_bytes = sum(4 + len(zstandard.ZstdCompressor(level=22).compress(q.numpy().tobytes()))
-                               for _, _, q, _ in self.fixed.values())
-        # log c from "every row at its finest (int8 for all)" to "every row at its coarsest"
+        self.fixed_bytes = sum(4 + len(zstd_frame(payload(q, None))) for _, _, q, _ in self.fixed.values())
+        # log c from "every row wants finer than int8's finest" (the top rung for all) to "every row at its coarsest"
         rows = self.rows.values()
-        self.bounds = ((math.log(min(float((r["fine"][127] * r["sens"].sqrt()).min()) for r in rows)),
+        self.bounds = ((math.log(min(float((r["fine"][127] * r["sens"].sqrt()).min()) for r in rows)) - 1,
                         math.log(max(float((r["coarse"] * r["sens"].sqrt()).max()) for r in rows)))
                        if self.rows else (0.0, 0.0))
 
     def plan(self, c: float) -> dict[str, tuple[int, Tensor]]:
+        """Per tensor its range and row steps; in FP16_ROWS a row that wants finer than int8's finest step stays
+        fp16 (step 0): row by row, so the size moves smoothly with c."""
         out = {}
         for name, r in self.rows.items():
             want = c / r["sens"].sqrt()
             qmax = next(q for q in sorted(r["fine"]) if q == 127 or float((want < r["fine"][q]).float().mean()) <= 0.5)
-            out[name] = qmax, fp16_scale(torch.clamp(want, r["fine"][qmax], r["coarse"]))
+            s = fp16_scale(torch.clamp(want, r["fine"][qmax], r["coarse"]))
+            out[name] = qmax, torch.where(want < r["fine"][127], 0.0, s) if name in FP16_ROWS else s
         return out
 
     def quantize(self, c: float, gptq: bool) -> dict[str, tuple]:
@@ -977,9 +991,11 @@ class BudgetFit:
                 if "u" not in r:
                     r["u"] = gptq_factor(r["gram"])
                 groups.setdefault(r["w"].shape, []).append((name, qmax, s))
-            else:
-                q = torch.clamp(torch.round(r["w"] / s[:, None]), -qmax, qmax).to(torch.int8)
-                out[name] = ("int", qmax, q, s.half())
+            else:  # the fp16 rows: codes 0, their values after the steps
+                keep = s == 0
+                q = torch.clamp(torch.round(r["w"] / torch.where(keep, 1.0, s)[:, None]), -qmax, qmax).to(torch.int8)
+                out[name] = ("int", qmax, q.masked_fill(keep[:, None], 0), torch.cat((s, r["w"][keep].flatten()))
+                             .half())
         for names, qmaxes, steps in (zip(*group) for group in groups.values()):
             codes = gptq_codes(torch.stack([self.rows[n]["w"] for n in names]), torch.stack(steps),
                                torch.tensor(qmaxes), torch.stack([self.rows[n]["u"] for n in names]))
@@ -987,8 +1003,9 @@ class BudgetFit:
         return dict(sorted(out.items()))
 
     def estimate(self, c: float) -> float:
-        """Bytes of the int tensors at c (plain rounding): the codes' entropy plus the scales."""
-        return sum(code_entropy_bytes(q) + 2 * len(s) for kind, _, q, s in self.quantize(c, False).values()
+        """Bytes of the int tensors at c (plain rounding): Huffman codes of their codes (rows not kept in fp16) and
+        of their fp16 part."""
+        return sum(coded_bytes(q[s[:len(q)] != 0]) + coded_bytes(s) for kind, _, q, s in self.quantize(c, False).values()
                    if kind == "int")
 
     def solve(self, factor: float, target: float) -> tuple[float, float]:
@@ -1007,10 +1024,13 @@ class BudgetFit:
     def fit(self, limit: int, config: dict, gptq: bool) -> tuple[bytes, dict]:
         """The finest plan whose real artifact fits `limit`: each zstd pass rescales the estimate until one lands
         within 2*FIT_MARGIN under it (or is the finest plan); else, after 3 passes (the last aiming 1% under),
-        the largest that fitted (a range move can jump the size over the window)."""
+        the largest that fitted (a range move can jump the size over the window), or if none, the coarsest plan."""
         factor, best, tried = 1.0, None, set()
-        for passes in range(1, 4):
-            lc, predicted = self.solve(factor, limit * (1 - FIT_MARGIN * (4 if passes == 3 else 1)))
+        for passes in range(1, 5):
+            if passes < 4:
+                lc, predicted = self.solve(factor, limit * (1 - FIT_MARGIN * (4 if passes == 3 else 1)))
+            elif best is None:  # near the coarsest plan real sizes need not fall with c: it decides
+                lc, predicted = self.bounds[1], self.estimate(math.exp(self.bounds[1]))
             if lc in tried:
                 break
             tried.add(lc)
@@ -1032,16 +1052,39 @@ class BudgetFit:
                       "sizes": sizes, "quantized": quantized}
 
 
+def payload(q: Tensor, s: Tensor | None) -> list[bytes]:
+    """A tensor's byte streams: its int8 codes, if any, then the low and the high bytes of its fp16 part (the values;
+    or the row steps and the fp16 rows)."""
+    half = (q if s is None else s).reshape(-1).numpy().view(np.uint8)
+    return ([] if s is None else [q.contiguous().numpy().tobytes()]) + [half[0::2].tobytes(), half[1::2].tobytes()]
+
+
+def zstd_frame(streams: list[bytes]) -> bytes:
+    """One zstd-22 frame, each stream in blocks of its own: zstd keeps one Huffman table per block, and streams
+    of different statistics that share a block share a table, and pay for it."""
+    z = zstandard.ZstdCompressor(level=22).compressobj(size=sum(map(len, streams)))
+    return b"".join(z.compress(b) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for b in streams) + z.flush()
+
+
+def dequantize(q: Tensor, s: Tensor | None) -> Tensor:
+    """fp16 values; or codes x row steps, where a step of 0 marks a row kept in fp16, its values after the steps."""
+    if s is None:
+        return q.float()
+    steps = s[:len(q)].float()
+    w = q.float() * steps[:, None]
+    w[steps == 0] = s[len(q):].float().view(-1, q.shape[1])
+    return w
+
+
 def serialize_artifact(quantized: dict[str, tuple], config: dict) -> bytes:
-    """A JSON header (model config; per tensor name, kind, qmax, shape), then per tensor its int8 codes and fp16
-    row scales (or fp16 values), each a length-prefixed zstd-22 frame of its own, so a tensor's bytes depend on
-    it alone and the fit's estimate holds tensor by tensor. Same weights, same bytes."""
+    """A JSON header (model config; per tensor name, kind, qmax, shape), then per tensor its streams (payload) as
+    a length-prefixed zstd-22 frame of its own, so a tensor's bytes depend on it alone and the fit's estimate
+    holds tensor by tensor. Same weights, same bytes."""
     entries = [[name, kind, qmax, list(q.shape)] for name, (kind, qmax, q, _) in quantized.items()]
     header = json.dumps({"format": ARTIFACT_FORMAT, "config": config, "tensors": entries}, sort_keys=True).encode()
-    payloads = [header] + [q.contiguous().numpy().tobytes() + (b"" if s is None else s.contiguous().numpy().tobytes())
-                           for (_, _, q, s) in quantized.values()]
+    streams = [[header]] + [payload(q, s) for (_, _, q, s) in quantized.values()]
     with concurrent.futures.ThreadPoolExecutor() as pool:  # zstd releases the GIL; a compressor per frame
-        frames = list(pool.map(lambda p: zstandard.ZstdCompressor(level=22).compress(p), payloads))
+        frames = list(pool.map(zstd_frame, streams))
     return b"".join(len(f).to_bytes(4, "little") + f for f in frames)
 
 
@@ -1084,14 +1127,13 @@ def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
         state = {}
         for (name, kind, qmax, shape), frame in zip(header["tensors"], frames):
             raw, numel = zstandard.ZstdDecompressor().decompress(frame), math.prod(shape)
-            rows = shape[0] if kind == "int" else 0
-            if len(raw) != (numel + 2 * rows if kind == "int" else 2 * numel):
+            codes = numel if kind == "int" else 0
+            half = torch.from_numpy(np.frombuffer(raw, np.uint8, offset=codes).reshape(2, -1).T.copy().view(np.float16))
+            q = torch.from_numpy(np.frombuffer(raw, np.int8, codes).copy()).view(shape) if codes else half.view(shape)
+            fp16_rows = int((half[:shape[0]] == 0).sum()) if codes else 0
+            if len(half) != (shape[0] + fp16_rows * shape[1] if codes else numel):
                 raise ValueError(f"tensor {name} holds {len(raw)} bytes")
-            if kind == "int":
-                q = torch.from_numpy(np.frombuffer(raw, np.int8, numel).reshape(shape).copy()).float()
-                state[name] = q * torch.from_numpy(np.frombuffer(raw, np.float16, rows, numel).copy()).float()[:, None]
-            else:
-                state[name] = torch.from_numpy(np.frombuffer(raw, np.float16, numel).reshape(shape).copy()).float()
+            state[name] = dequantize(q, half.flatten() if codes else None)
     except ARTIFACT_ERRORS as e:
         raise UsageError(f"artifact {path} is corrupt ({type(e).__name__}: {e})") from None
     return header["config"], state
@@ -1116,8 +1158,9 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
                 g = next((g for g, key in (("mlp", ".mlp."), ("attn", ".attn."), ("bigram", "bigram."),
                                            ("embed", "tok_emb.")) if key in name), "other")
                 groups[g] = [a + b for a, b in zip(groups.get(g, (0, 0)), (info["sizes"][name], q.numel()))]
-            moved = [f"{n}:int{QMAX_LADDER.index(qmax) + 5}" for n, (kind, qmax, q, _) in info["quantized"].items()
-                     if kind == "int" and qmax != quant_levels(n, q)]
+            moved = [f"{n}:int{QMAX_LADDER.index(qmax) + 5}" + (f"+fp16_rows:{rows}" if rows else "")
+                     for n, (kind, qmax, q, s) in info["quantized"].items() if kind == "int"
+                     for rows in [(len(s) - len(q)) // q.shape[1]] if qmax != quant_levels(n, q) or rows]
             log(f"export bytes_model:{info['bytes']} predicted:{info['predicted']} limit:{limit} "
                 f"passes:{info['passes']} c:{info['c']:.4e} gptq:{int(args.export_gptq)} "
                 f"calib_tokens:{stats['tokens'] if stats else 0} "

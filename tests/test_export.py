@@ -67,8 +67,7 @@ class Background:
 
 def dequantize_state(quantized: dict) -> dict:
     """The weights a quantized plan stands for (codes x row steps, or the fp16 values): what the artifact loads."""
-    return {name: q.float() * s.float()[:, None] if kind == "int" else q.float()
-            for name, (kind, _, q, s) in quantized.items()}
+    return {name: T.dequantize(q, s) for name, (kind, _, q, s) in quantized.items()}
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -277,7 +276,7 @@ def test_quant_levels_on_the_default_model(monkeypatch):
     state = T.GPT(args).state_dict()
     levels = {name: T.quant_levels(name, t) for name, t in state.items()}
     for name, t in state.items():
-        if name == "tok_emb.weight" or t.ndim != 2 or t.numel() <= 8192:
+        if t.ndim != 2 or t.numel() <= 8192:
             assert levels[name] == 0, name
         elif ".mlp." in name:
             assert levels[name] == 15, name
@@ -289,7 +288,7 @@ def test_quant_levels_on_the_default_model(monkeypatch):
         for part in ("c_q", "c_k", "c_v", "proj"):
             assert levels[f"blocks.{i}.attn.{part}.weight"] == 31
     assert levels["bigram.proj.weight"] == 31
-    assert levels["tok_emb.weight"] == 0
+    assert levels["tok_emb.weight"] == 31  # the tied embedding starts at int6 too; the fit may move it to fp16 rows
     # the small tensors (norm scales, gates, lambdas, skip weights) are all kept in fp16
     small = [n for n, t in state.items() if t.numel() <= 8192]
     assert {"skip_weights", "vr_lambda", "smear.w", "bigram.scale", "blocks.0.resid_mix"} <= set(small)
@@ -349,7 +348,8 @@ def _join(frames: list[bytes]) -> bytes:
 
 
 CORRUPT_CASES = ("empty", "random", "truncated", "last_byte_cut", "zero_length_frame", "missing_tensor_frame",
-                 "trailing_payload", "short_payload", "not_json", "wrong_format", "header_not_an_object")
+                 "trailing_payload", "short_payload", "not_json", "wrong_format", "previous_format",
+                 "header_not_an_object")
 
 
 def _corrupt_cases(blob: bytes) -> dict:
@@ -372,6 +372,7 @@ def _corrupt_cases(blob: bytes) -> dict:
         "short_payload": replaced(i, _zstd(payload[:-2])),
         "not_json": replaced(0, _zstd(b"\xff\xfe\xfd\xfc")),
         "wrong_format": replaced(0, _zstd(json.dumps(dict(header, format="something-else")).encode())),
+        "previous_format": replaced(0, _zstd(json.dumps(dict(header, format="pgolf-mixed-int-v2")).encode())),
         "header_not_an_object": replaced(0, _zstd(b"[]")),
     }
 
@@ -383,6 +384,13 @@ def test_deserialize_rejects_corrupt_artifacts(rt_artifact, tmp_path, case):
     assert set(cases) == set(CORRUPT_CASES)
     path.write_bytes(cases[case])
     with pytest.raises(T.UsageError, match=re.escape(str(path))):
+        T.deserialize_artifact(str(path))
+
+
+def test_an_artifact_of_the_previous_format_is_named_as_such(rt_artifact, tmp_path):
+    path = tmp_path / "v2.ptz"
+    path.write_bytes(_corrupt_cases(rt_artifact["blob"])["previous_format"])
+    with pytest.raises(T.UsageError, match=f"artifact {re.escape(str(path))} is corrupt .*not a pgolf-mixed-int-v3"):
         T.deserialize_artifact(str(path))
 
 
@@ -418,18 +426,22 @@ def roundtrip(rt_artifact, background):
 
 
 def test_roundtrip_quantizes_both_kinds(roundtrip):
-    """Matrices are int codes in their default range (int5 MLP, int6 attention) or one the fit moved them
-    up to; the embedding and the small tensors stay fp16."""
+    """Matrices are int codes in their default range (int5 MLP, int6 attention and the embedding) or one the fit
+    moved them up to, with rows of the embedding maybe kept in fp16 (step 0, values after the steps); the small
+    tensors stay fp16."""
     kinds = {name: (kind, qmax) for name, (kind, qmax, _, _) in roundtrip["quantized"].items()}
     assert kinds["blocks.0.attn.c_q.weight"][0] == kinds["blocks.1.mlp.proj.weight"][0] == "int"
-    assert kinds["tok_emb.weight"] == ("fp16", 0)
+    assert kinds["tok_emb.weight"][0] == "int"
     for name, (kind, qmax, q, s) in roundtrip["quantized"].items():
         t = roundtrip["state"][name]
         default = T.quant_levels(name, t)
         assert qmax == default or (default and qmax in T.QMAX_LADDER and qmax > default), name
         if kind == "int":
-            assert q.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (t.shape[0],)
-            assert int(q.abs().max()) <= qmax
+            fp16_rows = s[:len(q)] == 0
+            assert q.dtype == torch.int8 and s.dtype == torch.float16 and int(q.abs().max()) <= qmax
+            assert s.shape == (t.shape[0] + int(fp16_rows.sum()) * t.shape[1],) and not q[fp16_rows].any()
+            assert name in T.FP16_ROWS or not fp16_rows.any()
+            assert torch.equal(T.dequantize(q, s)[fp16_rows], t[fp16_rows].half().float())
         else:
             assert q.dtype == torch.float16 and s is None
 
@@ -477,14 +489,20 @@ def test_serialization_is_deterministic(roundtrip):
     assert T.serialize_artifact(roundtrip["quantized"], args.model_config()) == blob
     # a fresh process fitting the same saved state to the same limit writes the same bytes
     assert roundtrip["child_blob"] == blob
-    # a sorted JSON header, then the tensors in sorted name order, each its own zstd-22 frame
+    # a sorted JSON header, then the tensors in sorted name order, each its own zstd-22 frame holding its codes,
+    # then the low and the high bytes of its fp16 part, each stream in blocks of its own
     frames = T.split_frames(blob)
     raw = [zstandard.ZstdDecompressor().decompress(f) for f in frames]
     header = json.loads(raw[0])
     assert raw[0] == json.dumps(header, sort_keys=True).encode()
     assert [e[0] for e in header["tensors"]] == sorted(state) and len(frames) == len(state) + 1
     assert header["config"] == args.model_config()
-    assert [zstandard.ZstdCompressor(level=22).compress(r) for r in raw] == frames
+    streams = [T.payload(q, s) for (_, _, q, s) in roundtrip["quantized"].values()]
+    assert [T.zstd_frame([raw[0]])] + [T.zstd_frame(b) for b in streams] == frames
+    for (kind, _, q, s), b, r in zip(roundtrip["quantized"].values(), streams, raw[1:]):
+        half = (q if kind == "fp16" else s).flatten().numpy().view(np.uint8)
+        assert b"".join(b) == r and b[-2:] == [half[0::2].tobytes(), half[1::2].tobytes()]
+        assert kind == "fp16" or b[0] == q.numpy().tobytes()
 
 
 def test_reexport_of_a_loaded_artifact(roundtrip, tmp_path):
@@ -632,7 +650,35 @@ def test_fit_with_calibration_and_gptq_at_a_binding_limit(rt_artifact):
 def test_a_limit_below_the_coarsest_size_is_a_clear_error(fit_case):
     fit, config, coarsest, _ = fit_case
     with pytest.raises(T.EvalFailure, match="cannot fit.*no artifact written"):
-        fit.fit(coarsest - 1, config, False)
+        fit.fit(int(0.97 * coarsest), config, False)  # near the coarsest plan, sizes need not fall with c byte by byte
+
+
+def test_the_embedding_joins_the_fit_row_by_row(tmp_path):
+    """The tied embedding is fitted like the matrices, from its Fisher statistics, and a row that wants finer steps
+    than int8's finest (c / sqrt(Fisher per weight) below it) stays fp16: at the finest plan all of them (the
+    embedding exactly as fp16 stores it), at the coarsest none, in between fewer as c grows, so the size falls
+    smoothly; the artifact reads those rows back bit for bit."""
+    gen = torch.Generator().manual_seed(11)
+    name, emb = "tok_emb.weight", torch.randn(256, 64, generator=gen) * 0.05
+    fisher = torch.logspace(0, 2, 256, dtype=torch.float32) * 64  # row i more sensitive than row i - 1
+    fit = T.BudgetFit({name: emb}, {"tensors": {name: {"fisher": fisher}}})
+    finest_int8 = T.finest_steps(emb, 127)
+    counts, sizes = [], []
+    for lc in torch.linspace(fit.bounds[0], fit.bounds[1], 40).tolist():
+        quantized = fit.quantize(math.exp(lc), False)
+        kind, qmax, q, s = quantized[name]
+        fp16_rows = s[:len(q)] == 0
+        n = int(fp16_rows.sum())
+        assert kind == "int" and torch.equal(fp16_rows, math.exp(lc) / (fisher / 64).sqrt() < finest_int8)
+        counts.append(n)
+        sizes.append(len(T.serialize_artifact(quantized, {"test": 1})))
+        path = tmp_path / "emb.ptz"
+        path.write_bytes(T.serialize_artifact(quantized, {"test": 1}))
+        back = T.deserialize_artifact(str(path))[1][name]
+        assert torch.equal(back, T.dequantize(q, s)) and torch.equal(back[fp16_rows], emb[fp16_rows].half().float())
+    assert counts[0] == 256 and counts[-1] == 0 and counts == sorted(counts, reverse=True)
+    assert len(set(counts)) >= 8  # row by row, not the whole tensor at once
+    assert max(a - b for a, b in zip(sizes, sizes[1:])) < 0.15 * (sizes[0] - sizes[-1])
 
 
 def test_steps_follow_the_fisher_information():
@@ -643,7 +689,7 @@ def test_steps_follow_the_fisher_information():
     w = torch.randn(64, 256, generator=gen) * 0.05
     fisher = torch.where(torch.arange(64) < 32, 100.0, 1.0) * 256  # half the rows 100x more sensitive
     weighted, uniform = T.BudgetFit({name: w}, {"tensors": {name: {"fisher": fisher}}}), T.BudgetFit({name: w}, None)
-    c = math.exp(sum(weighted.bounds) / 2)
+    c = math.exp(0.3 * weighted.bounds[0] + 0.7 * weighted.bounds[1])  # a c with rows of both kinds inside the range
     qmax, s = weighted.plan(c)[name]
     free = (s > weighted.rows[name]["fine"][qmax] * 1.01) & (s < weighted.rows[name]["coarse"] * 0.99)
     assert free.sum() > 16
@@ -675,12 +721,13 @@ def test_gptq_lowers_the_output_error_at_the_same_steps():
         return float(torch.einsum("ij,jk,ik->", d, gram, d))
 
     assert output_err(gptq) < 0.8 * output_err(plain)
-    assert T.code_entropy_bytes(gptq) < 1.05 * T.code_entropy_bytes(plain)
+    assert T.coded_bytes(gptq) < 1.05 * T.coded_bytes(plain)
 
 
 def test_calibration_statistics(corpus):
     """The Gram matrix is exactly the sum of x^T x over the layer's inputs; the Fisher is positive in
-    every row of every quantized matrix; micro-batches stop at the deadline, the first always runs."""
+    every row of every quantized matrix, the tied embedding's too, where the inputs use only half its rows (the
+    head uses all); micro-batches stop at the deadline, the first always runs."""
     import types
     args = tiny_args()
     torch.manual_seed(0)
@@ -691,7 +738,7 @@ def test_calibration_statistics(corpus):
     rt = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext, sync=lambda: None,
                                all_reduce=lambda t, op=None: t)
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randint(0, args.vocab_size, (4, 64), generator=gen), None) for _ in range(3)]
+    batches = [(torch.randint(0, args.vocab_size // 2, (4, 64), generator=gen), None) for _ in range(3)]
     seen = []
     hook = model.blocks[1].mlp.proj.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().flatten(0, 1)))
     stats = T.calibrate(model, batches, rt, math.inf)
@@ -700,7 +747,7 @@ def test_calibration_statistics(corpus):
     torch.testing.assert_close(stats["tensors"]["blocks.1.mlp.proj.weight"]["gram"], x.T @ x, rtol=1e-4, atol=1e-4)
     assert stats["tokens"] == 3 * 4 * 64
     quantized = {n for n, t in model.state_dict().items() if T.quant_levels(n, t)}
-    assert set(stats["tensors"]) == quantized and quantized
+    assert set(stats["tensors"]) == quantized and "tok_emb.weight" in quantized
     for name in quantized:
         f = stats["tensors"][name]["fisher"]
         assert f.shape == (model.state_dict()[name].shape[0],) and bool((f > 0).all()), name
@@ -710,7 +757,8 @@ def test_calibration_statistics(corpus):
 
 def test_trained_run_export_line(trained_run):
     """The export logs what it chose; the tiny model's budget does not bind, so every quantized matrix
-    moves up to int8 (the finest steps there are), and the bytes it reports are the file's."""
+    moves up to int8 (the finest steps there are), every row of the embedding stays fp16, and the bytes it
+    reports are the file's."""
     m = re.search(r"^export bytes_model:(\d+) predicted:(\d+) limit:(\d+) passes:(\d+) c:(\S+) gptq:1 "
                   r"calib_tokens:(\d+) export_ms:(\d+) bits_per_weight (.*) moved:(\S+)$", trained_run["stdout"], re.M)
     assert m, trained_run["stdout"][-3000:]
@@ -718,8 +766,8 @@ def test_trained_run_export_line(trained_run):
     assert int(m.group(6)) == int(TINY["TRAIN_BATCH_TOKENS"])
     groups = dict(kv.split(":") for kv in m.group(8).split())
     assert set(groups) == {"attn", "bigram", "embed", "mlp", "other"} and 0 < float(groups["mlp"]) < 8
-    assert set(m.group(9).split(",")) == {f"blocks.{i}.{p}.weight:int8" for i in range(2)
-                                          for p in ("mlp.fc", "mlp.proj", "attn.c_q", "attn.proj")}
+    assert set(m.group(9).split(",")) == {f"blocks.{i}.{p}.weight:int8" for i in range(2) for p in (
+        "mlp.fc", "mlp.proj", "attn.c_q", "attn.proj")} | {f"tok_emb.weight:int8+fp16_rows:{TINY['VOCAB_SIZE']}"}
 
 
 # ----------------------------------------------------------------------------------------------

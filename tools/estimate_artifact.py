@@ -9,10 +9,12 @@ compressed size depends on its weight statistics, which random draws only approx
                flat spectrum and roughly this RMS);
   - student-t: the same with Student-t (4 degrees of freedom) entries, the heavier tails seen in trained
                weights.
-Vectors and scalars keep their init values; the embedding is N(0, 0.005^2) in both (stored fp16). The
+Vectors, scalars and the embedding keep their init values (the embedding N(0, 0.005^2), fitted with the rest). The
 calibration statistics come from one 2048-token sequence of random tokens (what it costs is real; the
 Fisher of random text is not that of FineWeb). For each draw it prints the finest plan's size (every
-tensor int6 at its clip-search step; what the export would write with no cap) and the fitted artifact.
+tensor int8 at its clip-search step, the embedding fp16; what the export would write with no cap) and the
+fitted artifact, then per group of tensors: the frames' real bytes, the fit's estimate of them (Huffman-coded
+bytes, BudgetFit.estimate) and the order-0 entropy of the same streams (codes, low and high bytes of the fp16 part).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import contextlib
 import math
 import os
 import sys
+import tempfile
 import time
 import types
 
@@ -34,7 +37,7 @@ def draw(model: train_gpt.GPT, kind: str, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not train_gpt.quant_levels(name, p):
+            if not train_gpt.quant_levels(name, p) or name == "tok_emb.weight":
                 continue
             if kind == "gaussian":
                 w = torch.randn(p.shape, generator=g)
@@ -43,6 +46,26 @@ def draw(model: train_gpt.GPT, kind: str, seed: int) -> None:
                 chi2 = torch.distributions.Chi2(df).sample(p.shape)
                 w = torch.randn(p.shape, generator=g) / torch.sqrt(chi2 / df)
             p.copy_(w / w.pow(2).mean(dim=1, keepdim=True).sqrt() / p.shape[1] ** 0.5)
+
+
+def entropy(b: torch.Tensor) -> float:
+    p = torch.bincount(b.contiguous().view(-1).view(torch.uint8).long(), minlength=256).double() / max(b.numel(), 1)
+    return float(-(p[p > 0] * p[p > 0].log2()).sum()) * b.numel() / 8
+
+
+def by_group(info: dict) -> str:
+    """real / estimated / entropy bytes per group: mlp, attn, bigram, embed, other (the export line's groups)."""
+    out = {}
+    for name, (kind, _, q, s) in info["quantized"].items():
+        group = next((g for g, key in (("mlp", ".mlp."), ("attn", ".attn."), ("bigram", "bigram."),
+                                       ("embed", "tok_emb.")) if key in name), "other")
+        half = q if s is None else s
+        codes = q[s[:len(q)] != 0] if s is not None else torch.zeros(0, dtype=torch.int8)
+        planes = half.contiguous().view(-1).view(torch.uint8)
+        row = (info["sizes"][name], 4 + train_gpt.coded_bytes(codes) + train_gpt.coded_bytes(half),
+               4 + entropy(codes) + entropy(planes[0::2]) + entropy(planes[1::2]))
+        out[group] = [a + b for a, b in zip(out.get(group, (0, 0, 0)), row)]
+    return " ".join(f"{g}:{r:.0f}/{e:.0f}/{h:.0f}({r / h:.4f})" for g, (r, e, h) in sorted(out.items()))
 
 
 def main() -> None:
@@ -68,6 +91,13 @@ def main() -> None:
         print(f"weights:{kind} finest_bytes_model:{finest} bytes_model:{len(blob)} bytes_total:{code_bytes + len(blob)} "
               f"under_cap:{args.artifact_limit_bytes - code_bytes - len(blob)} passes:{info['passes']} "
               f"calibration_s:{t1 - t0:.1f} export_s:{t2 - t1:.1f} bytes_per_param:{len(blob) / n_params:.4f}", flush=True)
+        print(f"  bytes real/estimate/entropy(real over entropy) {by_group(info)}", flush=True)
+        t3 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "a.ptz"), "wb") as f:
+                f.write(blob)
+            train_gpt.deserialize_artifact(os.path.join(d, "a.ptz"))
+        print(f"  decode_s:{time.perf_counter() - t3:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,21 @@
-"""The export's trade-off, measured: bytes, round-trip penalty and export time of one trained model under
-the previous export (per-row clip search at int5/int6, one zstd frame: train_gpt.py at --baseline-rev)
-and under the budget-fit export, at the previous export's size and at 90% and 75% of it.
+"""The export's trade-off, measured before and after a change: bytes, round-trip penalty and export time of one
+trained model under the budget-fit export of train_gpt.py at --baseline-rev (before) and of this checkout (after),
+at a cap and at 90% and 75% of it.
 
-    python tools/export_study.py --baseline-rev 0c84de6     # model, data and training time from the env
+    python tools/export_study.py --baseline-rev ce89a1f     # model, data and training time from the env
 
-It trains the model the environment configures exactly as train_gpt.py does (warm-up, wall-clock
-budget, EMA, calibration), scores the trained weights with a plain pass over the validation split
-(final_prequant), then for every scheme and size exports, rebuilds a model from the artifact and scores
-it the same way. The penalty is roundtrip - prequant in bits per byte. Schemes of the new export:
-  uniform      every weight counts the same (no statistics), plain rounding
-  fisher       steps from the calibration's Fisher information, plain rounding
-  fisher+gptq  the same steps, error-compensating rounding (the default export)
+It trains the model the environment configures exactly as train_gpt.py does (warm-up, wall-clock budget, EMA,
+calibration), scores the trained weights with a plain pass over the validation split (final_prequant), then for
+every cap and export writes the artifact (Fisher steps + GPTQ, the default), rebuilds the weights from it with the
+same revision's reader and scores them the same way. The penalty is roundtrip - prequant in bits per byte. The cap
+is --cap-fraction of the baseline's finest plan (every tensor at its finest steps): 0.68 by default, the ratio of
+the 16 MB limit to the full-size model's finest plan (tools/estimate_artifact.py), so the cap binds as it does there.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -42,7 +42,8 @@ def baseline_module(rev: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline-rev", required=True, help="git revision whose train_gpt.py holds the previous export")
+    ap.add_argument("--baseline-rev", required=True, help="git revision whose train_gpt.py holds the export before")
+    ap.add_argument("--cap-fraction", type=float, default=0.68, help="the cap, as a fraction of the finest plan")
     a = ap.parse_args()
     args = T.Hyperparameters()
     rt = T.Runtime(args.device)
@@ -67,34 +68,29 @@ def main() -> None:
         return T.evaluate(m, val, luts, args, rt, log, label="study", seq_len=args.train_seq_len,
                           stride=args.train_seq_len, deadline=T.Deadline(0))["bpb_model"]
 
-    def loaded(blob: bytes) -> dict:  # the weights the artifact itself gives a fresh model
+    def loaded(module, blob: bytes) -> dict:  # the weights the artifact itself gives a fresh model
         with tempfile.NamedTemporaryFile(suffix=".ptz") as f:
             f.write(blob)
             f.flush()
-            return T.deserialize_artifact(f.name)[1]
+            return module.deserialize_artifact(f.name)[1]
 
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     pre = score(state)
     print(f"prequant_bpb:{pre:.5f} steps:{stats['steps']}", flush=True)
-    old = baseline_module(a.baseline_rev)
-    t0 = time.perf_counter()
-    old_q = old.quantize_state(state)
-    blob = old.serialize_artifact(old_q, args.model_config())
-    old_s = time.perf_counter() - t0
-    natural = len(blob)
-    penalty = score(old.dequantize_state(old_q)) - pre
-    print("scheme       size  bytes_model  penalty_bpb  export_s  passes", flush=True)
-    print(f"{'previous':<12} {1.0:4.2f}  {natural:11d}  {penalty:+.5f}  {old_s:8.1f}  {1:6d}", flush=True)
+    old, config = baseline_module(a.baseline_rev), args.model_config()
+    fit = old.BudgetFit(state, stats["calib"])
+    finest = len(old.serialize_artifact(fit.quantize(math.exp(fit.bounds[0]), False), config))
+    cap = int(a.cap_fraction * finest)
+    print("export  cap   bytes_model  penalty_bpb  export_s  passes", flush=True)
     for frac in (1.0, 0.9, 0.75):
-        for scheme, st, gptq in (("uniform", None, False), ("fisher", stats["calib"], False),
-                                 ("fisher+gptq", stats["calib"], True)):
+        for label, module in (("before", old), ("after", T)):
             t0 = time.perf_counter()
-            blob, info = T.BudgetFit(state, st).fit(int(natural * frac), args.model_config(), gptq)
+            blob, info = module.BudgetFit(state, stats["calib"]).fit(int(cap * frac), config, args.export_gptq)
             secs = time.perf_counter() - t0
-            penalty = score(loaded(blob)) - pre
-            print(f"{scheme:<12} {frac:4.2f}  {len(blob):11d}  {penalty:+.5f}  {secs:8.1f}  {info['passes']:6d}", flush=True)
-    print(f"limit_fraction is of the previous export's {natural} bytes; penalty = roundtrip - prequant bpb "
-          f"(prequant {pre:.5f}); moved tensors are in the export lines of a train_gpt.py run", flush=True)
+            penalty = score(loaded(module, blob)) - pre
+            print(f"{label:<7} {frac:4.2f}  {len(blob):11d}  {penalty:+.5f}  {secs:8.1f}  {info['passes']:6d}", flush=True)
+    print(f"cap = {a.cap_fraction:g} x the baseline's finest plan ({finest} bytes) = {cap} bytes; penalty = roundtrip "
+          f"- prequant bpb (prequant {pre:.5f}); before: train_gpt.py at {a.baseline_rev}", flush=True)
 
 
 if __name__ == "__main__":

@@ -507,16 +507,18 @@ def test_serialization_is_deterministic(roundtrip):
 
 def test_reexport_of_a_loaded_artifact(roundtrip, tmp_path):
     """At the finest plan quantization is idempotent: a loaded artifact exported again is the same bytes.
-    At a binding limit the steps depend on the weights, so a re-export differs, but it still fits."""
+    At a binding limit the steps depend on the weights, so a re-export may differ (or land on the same grid),
+    but it still fits."""
     config = roundtrip["args"].model_config()
-    for limit, identical in ((10 ** 9, True), (roundtrip["limit"], False)):
+    for limit, identical in ((10 ** 9, True), (roundtrip["limit"], None)):
         blob = T.BudgetFit(roundtrip["state"], None).fit(limit, config, False)[0]
         path = tmp_path / f"a{limit}.ptz"
         path.write_bytes(blob)
         loaded_config, state = T.deserialize_artifact(str(path))
         assert loaded_config == config
         again = T.BudgetFit(state, None).fit(limit, config, False)[0]
-        assert (again == blob) == identical and len(again) <= limit
+        assert identical is None or (again == blob) == identical
+        assert len(again) <= limit
 
 
 # ----------------------------------------------------------------------------------------------

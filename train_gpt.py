@@ -1005,8 +1005,8 @@ class BudgetFit:
     def estimate(self, c: float) -> float:
         """Bytes of the int tensors at c (plain rounding): Huffman codes of their codes (rows not kept in fp16) and
         of their fp16 part."""
-        return sum(coded_bytes(q[s[:len(q)] != 0]) + coded_bytes(s) for kind, _, q, s in self.quantize(c, False).values()
-                   if kind == "int")
+        return sum(coded_bytes(q[s[:len(q)] != 0]) + coded_bytes(s)
+                   for kind, _, q, s in self.quantize(c, False).values() if kind == "int")
 
     def solve(self, factor: float, target: float) -> tuple[float, float]:
         """(log c, unscaled estimate) of the finest steps whose fp16 frames plus `factor` x the estimate fit
@@ -1027,9 +1027,11 @@ class BudgetFit:
         the largest that fitted (a range move can jump the size over the window), or if none, the coarsest plan."""
         factor, best, tried = 1.0, None, set()
         for passes in range(1, 5):
+            if passes == 4 and best is not None:
+                break
             if passes < 4:
                 lc, predicted = self.solve(factor, limit * (1 - FIT_MARGIN * (4 if passes == 3 else 1)))
-            elif best is None:  # near the coarsest plan real sizes need not fall with c: it decides
+            else:  # nothing fitted; near the coarsest plan real sizes need not fall with c: it decides
                 lc, predicted = self.bounds[1], self.estimate(math.exp(self.bounds[1]))
             if lc in tried:
                 break

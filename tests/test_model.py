@@ -563,9 +563,9 @@ def test_train_stops_at_the_wallclock_cap(corpus, tmp_path, monkeypatch, capsys)
     assert 3.0 - (2 * int(slowest_ms) + int(calib_ms)) / 1000 - 0.3 <= secs, (secs, steps, slowest_ms, calib_ms)
     assert 1000 * secs <= 3000 + excess_ms, (secs, recent, trainer.calib_ms, excess_ms)
     logged = [int(x) for x in re.findall(r"^step:\d+/100000 .*train_time_ms:(\d+)$", out, re.M)]
-    assert logged and max(logged) <= 3000
-    (tokens, _, reserved, total), = CALIB_RE.findall(out)
-    assert int(tokens) == 1024 and int(reserved) == int(calib_ms) and int(total) == round(1000 * secs) <= 3000
+    assert logged and max(logged) <= round(1000 * secs)  # the steps end before the calibration
+    (tokens, _, reserved, total), = CALIB_RE.findall(out)  # the logged total is the one bounded above
+    assert int(tokens) == 1024 and int(reserved) == int(calib_ms) and int(total) == round(1000 * secs)
     mults = [float(x) for x in re.findall(r"^step:\d+/100000 .*lr_mult:(\S+)", out, re.M)]
     assert mults[0] == 1.0  # step 1
     assert mults[-1] < 0.75  # warming down over the last 90% of the clock (the stop comes a few steps early)

@@ -1,7 +1,6 @@
-"""Parameter Golf, 10 min / 16 MB track: a 10-layer GPT (XSA, value residual, BigramHash, SmearGate,
-LeakyReLU^2 MLP) trained with Muon, exported as mixed int5/int6 + zstd, and scored on the full FineWeb
-validation split by a sliding window mixed with an exact, normalized, causal n-gram backoff.
-Every knob is an environment variable (KNOBS). Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py
+"""Parameter Golf, 10 min / 16 MB track: a 10-layer GPT (XSA, value residual, BigramHash, SmearGate, LeakyReLU^2 MLP)
+trained with Muon, exported as mixed int5/int6 + zstd, scored on the full FineWeb validation split by a sliding window
+mixed with an exact, normalized, causal n-gram backoff. Every knob is an environment variable (KNOBS); see README.md.
 """
 from __future__ import annotations
 
@@ -71,20 +70,24 @@ def env(name: str, default, kind=int, lo=None, hi=None):
 
 
 # Every knob: (attribute, default, kind, lo, hi); its environment variable is the attribute in upper case.
+# The model's shape (defaults: the record's, ~24.7M parameters): stored in the artifact, so EVAL_ONLY needs no more.
+MODEL_KNOBS = (
+    ("vocab_size", 1024, int, 2, 65536), ("num_layers", 10, int, 1), ("model_dim", 512, int, 8),
+    ("num_heads", 8, int, 1), ("num_kv_heads", 4, int, 1), ("mlp_mult", 3.0, float, 0.25, 64),
+    ("rope_dims", 16, int, 2), ("rope_base", 10000.0, float, 1.0), ("xsa_last_n", 4, int, 0),
+    ("bigram_vocab_size", 4096, int, 0), ("bigram_dim", 128, int, 1), ("smear_gate", True, bool),
+    ("value_residual", True, bool), ("ln_scale", True, bool), ("logit_softcap", 30.0, float, 1.0),
+)
+MODEL_KEYS = tuple(name for name, *_ in MODEL_KNOBS)
 KNOBS = (
     # data, run, devices
     ("data_path", "./data/datasets/fineweb10B_sp1024", str),
     ("tokenizer_path", "./data/tokenizers/fineweb_1024_bpe.model", str),
     ("run_id", "", str), ("log_dir", "logs", str), ("seed", 1337, int, 0), ("device", "auto", ("auto", "cpu", "cuda")),
     ("compile", None, bool),  # None: on for CUDA, off for CPU
-    # model (defaults: the record configuration, ~24.7M parameters)
-    ("vocab_size", 1024, int, 2, 65536), ("num_layers", 10, int, 1), ("model_dim", 512, int, 8),
-    ("num_heads", 8, int, 1), ("num_kv_heads", 4, int, 1), ("mlp_mult", 3.0, float, 0.25, 64),
-    ("rope_dims", 16, int, 2), ("rope_base", 10000.0, float, 1.0), ("xsa_last_n", 4, int, 0),
-    ("bigram_vocab_size", 4096, int, 0), ("bigram_dim", 128, int, 1), ("smear_gate", True, bool),
-    ("value_residual", True, bool), ("ln_scale", True, bool), ("logit_softcap", 30.0, float, 1.0),
-    ("qk_gain_init", 1.5, float, 0.0),
-    # training; WARMDOWN_FRAC: the records' 3500 of ~6700 steps, the same share of the budget on any card
+    # model
+    *MODEL_KNOBS, ("qk_gain_init", 1.5, float, 0.0),
+    # training
     ("train_seq_len", 2048, int, 2), ("train_batch_tokens", 786_432, int, 1), ("iterations", 20_000, int, 0),
     ("max_wallclock_seconds", 600.0, float, 0.0), ("warmup_steps", 20, int, 0), ("warmdown_iters", 3500, int, 0),
     ("warmdown_frac", 0.52, float, 0.0, 1.0), ("grad_accum_steps", 0, int, 1),  # 0: 8 / world size
@@ -95,7 +98,7 @@ KNOBS = (
     # export
     ("artifact_path", "final_model.ptz", str), ("artifact_limit_bytes", 16_000_000, int, 1),
     ("export_gptq", True, bool), ("eval_only", False, bool),
-    # evaluation; NGRAM_MIX_FIRST/CHUNK: the learned mixer's first and largest chunk (and refit sample), in targets
+    # evaluation
     ("eval_seq_len", 2048, int, 1), ("eval_stride", 64, int, 1), ("eval_batch_seqs", 32, int, 1),
     ("eval_budget_seconds", 600.0, float, 0.0), ("eval_dump_path", "", str), ("ngram", True, bool),
     ("ngram_min_order", 2, int, 2), ("ngram_max_order", 7, int, 2, 32), ("ngram_min_count", 2, int, 1),
@@ -103,18 +106,13 @@ KNOBS = (
     ("ngram_ent_scale", 2.0, float), ("ngram_ent_thresh", 4.0, float), ("ngram_mixer", "learned", ("learned", "fixed")),
     ("ngram_mix_first", 1024, int, 1), ("ngram_mix_chunk", 1 << 20, int, 1), ("ngram_mix_steps", 4, int, 0),
     ("ngram_mix_l2", 1e-4, float, 1e-12), ("ngram_audit_positions", 256, int, 0),
-    # test-time training (stage 1 of the eval); TTT_TARGETS: a comma list of q, k, v, o (attention output),
-    # mlp (MLP output), head; TTT_RESERVE_SECONDS: what the eval after the TTT pass may need
+    # test-time training (stage 1 of the eval)
     ("ttt", False, bool), ("ttt_rank", 64, int, 1), ("ttt_lr", 1e-4, float, 0.0), ("ttt_wd", 0.5, float, 0.0),
     ("ttt_chunk", 32, int, 1), ("ttt_docs", 32, int, 1), ("ttt_targets", "q,k,v,o,mlp,head", str),
     ("ttt_reserve_seconds", 60.0, float, 0.0),
     # submission
     ("submission_path", "submission.json", str), ("author", "", str), ("github_id", "", str),
 )
-# The settings that fix the model's shape: stored in the artifact, so EVAL_ONLY needs nothing else.
-MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
-              "rope_base", "xsa_last_n", "bigram_vocab_size", "bigram_dim", "smear_gate", "value_residual", "ln_scale",
-              "logit_softcap")
 
 
 class Hyperparameters:
@@ -230,13 +228,13 @@ class Logger:
     """Rank 0 writes to stdout and logs/<RUN_ID>.txt; other ranks stay quiet."""
 
     def __init__(self, args: Hyperparameters, rt: Runtime):
-        self.enabled, self.path = rt.master, os.path.join(args.log_dir, f"{args.run_id}.txt")
-        if self.enabled:
+        self.path = os.path.join(args.log_dir, f"{args.run_id}.txt") if rt.master else None
+        if self.path:
             os.makedirs(args.log_dir, exist_ok=True)
             open(self.path, "w", encoding="utf-8").close()
 
     def __call__(self, msg: str = "", console: bool = True) -> None:
-        if self.enabled:
+        if self.path:
             if console:
                 print(msg, flush=True)
             with open(self.path, "a", encoding="utf-8") as f:
@@ -246,29 +244,23 @@ class Logger:
 # ----------------------------------------------------------------------------------------------
 # Data: shards, tokenizer, byte accounting
 
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-HEADER_BYTES = HEADER_INTS * 4
-
-
-def shard_token_count(path: str) -> int:
-    """Check a shard's header and exact size; return its token count."""
-    size = os.path.getsize(path)
-    if size < HEADER_BYTES:
-        raise UsageError(f"shard {path} is truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != SHARD_MAGIC:
-        raise UsageError(f"shard {path} has wrong magic {header[0]} (expected {SHARD_MAGIC})")
-    if header[1] != SHARD_VERSION:
-        raise UsageError(f"shard {path} has unsupported version {header[1]} (expected {SHARD_VERSION})")
-    count = int(header[2])
-    if count < 0 or size != HEADER_BYTES + 2 * count:
-        raise UsageError(f"shard {path} is truncated or padded: {size} bytes, header says {count} tokens "
-                         f"({HEADER_BYTES + 2 * count} bytes)")
-    return count
+SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 1024  # header: 256 int32, of which 3 are used
 
 
 def shard_tokens(path: str) -> np.ndarray:
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(shard_token_count(path),))
+    """A shard's tokens, mapped from disk once its header and its exact size are checked."""
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise UsageError(f"shard {path} is truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    magic, version, count = np.fromfile(path, dtype="<i4", count=3).tolist()
+    if magic != SHARD_MAGIC:
+        raise UsageError(f"shard {path} has wrong magic {magic} (expected {SHARD_MAGIC})")
+    if version != SHARD_VERSION:
+        raise UsageError(f"shard {path} has unsupported version {version} (expected {SHARD_VERSION})")
+    if count < 0 or size != HEADER_BYTES + 2 * count:
+        raise UsageError(f"shard {path} is truncated or padded: {size} bytes, header says {count} tokens "
+                         f"({HEADER_BYTES + 2 * count} bytes)")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
 def find_shards(data_path: str, split: str) -> list[str]:
@@ -280,7 +272,7 @@ def find_shards(data_path: str, split: str) -> list[str]:
 
 def validate_shards(paths: list[str], vocab_size: int, rt: Runtime) -> None:
     """Headers everywhere; the token-id scan of every shard is shared out across ranks."""
-    counts = [shard_token_count(p) for p in paths]
+    counts = [len(shard_tokens(p)) for p in paths]
     maxima = torch.zeros(len(paths), dtype=torch.int64, device=rt.device)
     for i in range(rt.rank, len(paths), rt.world_size):
         if counts[i]:
@@ -315,7 +307,7 @@ def byte_luts(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, n
         else:
             piece = sp.id_to_piece(i)
             space[i] = piece.startswith("\u2581")
-            base[i] = len(piece[1:].encode("utf-8")) if space[i] else len(piece.encode("utf-8"))
+            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
     return base, space, boundary
 
 

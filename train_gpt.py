@@ -384,8 +384,6 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding on the first `dims` channels of each head."""
-
     def __init__(self, dims: int, base: float):
         super().__init__()
         self.dims = dims
@@ -395,8 +393,7 @@ class Rotary(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: [B, H, T, head_dim]
         freqs = torch.outer(torch.arange(x.size(2), device=x.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        half = self.dims // 2
-        x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
+        x1, x2, rest = x[..., :self.dims // 2], x[..., self.dims // 2:self.dims], x[..., self.dims:]
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
@@ -416,9 +413,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, v0: Tensor | None, vr_lambda: Tensor | None) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (c(x).view(B, T, -1, self.head_dim).transpose(1, 2) for c in (self.c_q, self.c_k, self.c_v))
         if vr_lambda is not None:  # value residual: mix in layer 0's values
             v = vr_lambda[0] * v0 + vr_lambda[1] * v
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, :, None, None]
@@ -462,8 +457,7 @@ class Block(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """A learned embedding of (previous token, token) hashed into B-1 buckets; bucket B-1 is for the first
-    position of a sequence, which has no previous token."""
+    """(previous token, token) hashed into buckets 0..B-2; bucket B-1 is the first position's, with no previous."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
@@ -480,8 +474,7 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_t <- (1-g) x_t + g x_{t-1}, g = sigmoid(w) per channel; g = 0 at a BOS token and at the first
-    position, so nothing leaks across documents or windows."""
+    """x_t <- (1-g) x_t + g x_{t-1}; g = 0 at a BOS and at the first position: nothing leaks across documents."""
 
     def __init__(self, dim: int, bos_id: int):
         super().__init__()
@@ -533,8 +526,7 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def logits(self, h: Tensor, dtype: torch.dtype = torch.float32, delta: Tensor | None = None) -> Tensor:
-        """Soft-capped logits in `dtype`: float32 in training (from autocast's bf16 product), float64 outside
-        autocast in the eval, so a row's distribution does not depend on which rows share its batch."""
+        """In float64 for the eval (outside autocast), so that a row's distribution does not depend on its batch."""
         z = F.linear(h.to(dtype), self.tok_emb.weight.to(dtype)).to(dtype)
         z = z if delta is None else z + delta.to(dtype)  # a test-time adapter's share of the head
         return self.softcap * torch.tanh(z / self.softcap)
@@ -549,44 +541,36 @@ class GPT(nn.Module):
 
 
 def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
-    """Muon: the matrices of the blocks and the bigram projection; AdamW: embeddings, and apart the vectors and
-    scalars. Every parameter lands in exactly one group."""
     groups = {"muon": [], "embed": [], "scalar": []}
     for m in model.modules():
-        groups["muon" if isinstance(m, nn.Linear) else "embed" if isinstance(m, nn.Embedding) else "scalar"] += \
-            m.parameters(recurse=False)
+        kind = "muon" if isinstance(m, nn.Linear) else "embed" if isinstance(m, nn.Embedding) else "scalar"
+        groups[kind] += m.parameters(recurse=False)
     return groups
 
 
-NS_COEFFICIENTS, NS_STEPS = (3.4445, -4.7750, 2.0315), 5
-
-
 def newton_schulz(g: Tensor, dtype: torch.dtype) -> Tensor:
-    """torch.optim.Muon's quintic Newton-Schulz orthogonalization in `dtype`, for a batch of matrices
-    [n, rows, cols] at once: one batched product per term instead of one product per matrix."""
+    """torch.optim.Muon's quintic iteration on a batch [n, rows, cols]: one batched product per term."""
     x = g.to(dtype)
     tall = x.size(-2) > x.size(-1)
     x = x.mT if tall else x
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
-    a, b, c = NS_COEFFICIENTS
-    for _ in range(NS_STEPS):
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(5):
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz, lr x sqrt(max(1, rows/cols)), decoupled
-    weight decay x lr), one batch per shape: each rank orthogonalizes an equal slice of it and all-gathers
-    the rest while the next shape computes."""
+    """torch.optim.Muon's update, one batch per shape: each rank orthogonalizes an equal slice of it and
+    all-gathers the rest while the next shape computes."""
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float):
         super().__init__(list(params), {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         cuda = self.param_groups[0]["params"][0].is_cuda
         self.ns = torch.compile(newton_schulz, dynamic=False) if cuda else newton_schulz
-        # bf16 as torch.optim.Muon on a GPU; float32 on a CPU, where bf16 products are often emulated (~60x slower)
-        self.ns_dtype = torch.bfloat16 if cuda else torch.float32
+        self.ns_dtype = torch.bfloat16 if cuda else torch.float32  # a CPU often emulates bf16 products (~60x slower)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -594,12 +578,10 @@ class Muon(torch.optim.Optimizer):
             lr, wd, mom, shapes, gathers = group["lr"], group["weight_decay"], group["momentum"], {}, []
             for p in group["params"]:
                 shapes.setdefault(p.shape, []).append(p)
+                if not self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             for params in shapes.values():
-                grads = [p.grad for p in params]
-                for p in params:
-                    if not self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                bufs = [self.state[p]["momentum_buffer"] for p in params]
+                grads, bufs = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
                 torch._foreach_lerp_(bufs, grads, 1 - mom)
                 per = -(-len(params) // self.world)
                 x = torch.zeros(per, *params[0].shape, device=params[0].device)  # this rank's slice, zero-padded
@@ -612,9 +594,8 @@ class Muon(torch.optim.Optimizer):
             for params, out, handle in gathers:
                 if handle is not None:
                     handle.wait()
-                rows, cols = params[0].shape
                 torch._foreach_mul_(params, 1 - lr * wd)
-                scale = -lr * math.sqrt(max(1, rows / cols))
+                scale = -lr * math.sqrt(max(1, params[0].size(0) / params[0].size(1)))
                 torch._foreach_add_(params, list(out[:len(params)].float().unbind(0)), alpha=scale)
 
 
@@ -629,18 +610,8 @@ def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Opti
     return [muon, adam]
 
 
-def set_schedule(optimizers, args: Hyperparameters, step: int, lr_mult: float) -> None:
-    frac = min(1.0, step / args.muon_momentum_warmup_steps) if args.muon_momentum_warmup_steps else 1.0
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_mult
-            if isinstance(opt, Muon):
-                group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
-
-
 def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """1, then the lower of two linear warmdowns to 0: over the last WARMDOWN_FRAC of the wall-clock budget
-    (the same share of the run on any card) and over the last WARMDOWN_ITERS of ITERATIONS."""
+    """The lower of two warmdowns: by the wall clock (the same share of the run on any card) and by ITERATIONS."""
     mult = (args.iterations - step) / args.warmdown_iters if args.warmdown_iters else 1.0
     if args.max_wallclock_seconds > 0 and args.warmdown_frac > 0:
         budget_ms = 1000 * args.max_wallclock_seconds
@@ -653,9 +624,8 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
 
 
 class Timeline:
-    """The device's timeline: marks in it (CUDA events on a GPU, in stream order: `done` asks without waiting,
-    `wait` blocks on one; on a CPU the host clock, whose work is done when its call returns), what each step
-    took, and what may still run after a stop flag."""
+    """Marks on the device's timeline (CUDA events, or the host clock on a CPU, where work is done when its call
+    returns), so that the stop rule can measure steps without waiting for them."""
 
     def __init__(self, cuda: bool):
         self.cuda, self.start, self.done_ms, self.phases = cuda, None, 0.0, [0.0, 0.0]  # forward+backward, optimizer
@@ -679,7 +649,7 @@ class Timeline:
             mark.synchronize()
 
     def finished(self, marks: list) -> float:
-        """Wait for a step's last mark and record its time; returns the device time since `start` (ms)."""
+        """Records the time of a step (waiting for its last mark); returns the device time since `start` (ms)."""
         self.wait(marks[-1])
         now_ms = self.ms(self.start, marks[-1])
         self.recent.append(now_ms - self.done_ms)
@@ -688,9 +658,8 @@ class Timeline:
         return now_ms
 
     def reserve(self, marks: list, previous: list | None, calib_ms: float) -> tuple[float, int, float]:
-        """(ms, steps, slowest): what would still run were the next step flagged rather than this one: the steps in
-        flight (this one and the one before unless finished, and the next, launched before a flag is read), one
-        more, each at the slowest of the last 16, then the calibration."""
+        """(ms, steps, slowest) that would still run were the next step flagged instead: the unfinished steps, the next
+        (launched before a flag is read) and one more, each at the slowest of the last 16, then the calibration."""
         steps = 2 + sum(not self.done(m[-1]) for m in (marks, previous) if m is not None)
         slowest = max(self.recent, default=0.0)
         return steps * slowest + calib_ms, steps, slowest
@@ -700,7 +669,7 @@ class Trainer:
     def __init__(self, args: Hyperparameters, rt: Runtime, model: GPT, loader: BatchLoader, log: Logger):
         self.args, self.rt, self.model, self.loader, self.log = args, rt, model, loader, log
         self.optimizers, self.params = build_optimizers(model, args), list(model.parameters())
-        use_compile = args.compile if args.compile is not None else rt.is_cuda
+        use_compile = rt.is_cuda if args.compile is None else args.compile
         fwd = torch.compile(model, fullgraph=True) if use_compile else model
         self.fwd = (DDP(fwd, device_ids=[rt.local_rank] if rt.is_cuda else None, broadcast_buffers=False)
                     if rt.world_size > 1 else fwd)
@@ -721,14 +690,20 @@ class Trainer:
         return total / len(micro_batches)
 
     def step(self, step: int, lr_mult: float) -> tuple[Tensor, list]:
-        """One optimizer step: this rank's mean loss, and marks before forward+backward, the optimizer and after."""
-        set_schedule(self.optimizers, self.args, step, lr_mult)
+        """This rank's mean loss, and marks before forward+backward, before the optimizer and after it."""
+        args = self.args
+        frac = min(1.0, step / args.muon_momentum_warmup_steps) if args.muon_momentum_warmup_steps else 1.0
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_mult
+                if isinstance(opt, Muon):
+                    group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
         micro_batches = self.loader.next_step()
         marks = [self.clock.mark()]
         loss = self.accumulate(micro_batches)
         marks.append(self.clock.mark())
-        if self.args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip_norm)
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
@@ -737,11 +712,10 @@ class Trainer:
         return loss, marks
 
     def warmup(self) -> None:
-        """Compile and warm up on real steps, and time the export's calibration on the real shapes (eager, as
-        it runs after training) for the stop rule; then undo it all: weights, optimizer state, data position."""
+        """Compile, warm up and time the export's calibration (for the stop rule) on real steps, then undo it all."""
         if not self.args.warmup_steps and not self.budget_ms:
             return
-        model, opts = copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        saved = [(obj, copy.deepcopy(obj.state_dict())) for obj in (self.model, *self.optimizers)]
         stream, t0 = self.loader.stream.state(), time.perf_counter()
         for i in range(self.args.warmup_steps):
             self.step(i, 1.0)
@@ -750,22 +724,20 @@ class Trainer:
         if self.budget_ms:
             calibrate(self.model, self.loader.next_step(), self.rt, math.inf)
             self.calib_ms = 1000 * (time.perf_counter() - t0)
-        self.model.load_state_dict(model)
-        for opt, state in zip(self.optimizers, opts):
-            opt.load_state_dict(state)
+        for obj, state in saved:
+            obj.load_state_dict(state)
         self.loader.stream.restore(stream)
         self.loader.ahead = None
         self.log(f"warmup_steps:{self.args.warmup_steps} warmup_ms:{warm_ms:.0f} "
                  f"calibration_ms:{self.calib_ms:.0f} (undone)")
 
     def train(self) -> dict:
-        """The steps (run_steps), then the EMA weights, calibrated on the next training batch inside the budget."""
+        """The steps, then the EMA weights, calibrated on the next training batch inside the budget."""
         self.rt.sync()
         self.t0, self.clock.start = time.perf_counter(), self.clock.mark()
         ema, steps = self.run_steps()
         with torch.no_grad():
-            for p, e in zip(self.params, ema):
-                p.copy_(e.to(p.dtype))
+            torch._foreach_copy_(self.params, ema)
         calib = calibrate(self.model, self.loader.next_step(), self.rt,
                           self.t0 + self.budget_ms / 1000 if self.budget_ms else math.inf)
         total_ms = 1000 * (time.perf_counter() - self.t0)
@@ -776,10 +748,9 @@ class Trainer:
         return {"steps": steps, "train_seconds": total_ms / 1000, "calib": calib}
 
     def run_steps(self) -> tuple[list[Tensor], int]:
-        """(EMA weights, steps) of steps until ITERATIONS or the stop rule, with no host synchronization: a step's
-        loss and stop flag are read one step later, so the device always has the next step queued."""
-        args = self.args
-        ema = [p.detach().float().clone() for p in self.params]
+        """(EMA weights, steps). A step's loss and stop flag are read one step later, with no host synchronization,
+        so that the device always has the next step queued."""
+        args, ema = self.args, [p.detach().float().clone() for p in self.params]
         step, stop, pending = 0, False, None
         while True:
             launched = None
@@ -795,9 +766,9 @@ class Trainer:
                 host = flags if self.host_flags is None else self.host_flags[step % 2].copy_(flags, non_blocking=True)
                 marks.append(self.clock.mark())  # once this has passed, `host` holds the loss and every rank's flag
                 launched = (step, mult, host, marks, reserve)
-            if pending is not None and self.finish(*pending) and not stop:
+            if pending is not None and self.finish(*pending[:4]) and not stop:
                 stop = True
-                _, steps_left, slowest = pending[-1]
+                _, steps_left, slowest = pending[4]
                 self.log(f"stopping_early: step {pending[0]} flagged that {steps_left} more steps at {slowest:.0f} ms "
                          f"and the calibration ({self.calib_ms:.0f} ms) would end past "
                          f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g}")
@@ -805,8 +776,7 @@ class Trainer:
                 return ema, step
             pending = launched
 
-    def finish(self, step: int, mult: float, host: Tensor, marks: list, reserve: tuple) -> bool:
-        """A launched step's end: its loss and stop flag read, its time taken, its line logged."""
+    def finish(self, step: int, mult: float, host: Tensor, marks: list) -> bool:
         now_ms = self.clock.finished(marks)
         loss, stop = host.tolist()
         if step % self.args.train_log_every == 0 or step == 1 or stop or step == self.args.iterations:

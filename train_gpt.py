@@ -792,15 +792,17 @@ class Trainer:
 # Export: a budget-fit mixed int5/int6 quantization, deterministic serialization, zstd-22
 
 ARTIFACT_FORMAT = "pgolf-mixed-int-v3"
+ARTIFACT_ERRORS = (zstandard.ZstdError, ValueError, KeyError, TypeError, AttributeError)
 CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75)
-FP16_MAX_ELEMENTS = 8192
-FP16_ROWS = ("tok_emb.weight",)  # rows may stay fp16: the tied embedding, also the output head (see BudgetFit)
+FP16_ROWS = ("tok_emb.weight",)  # rows may stay fp16: the tied embedding, also the output head
+QMAX_LADDER = (15, 31, 63, 127)  # int5, int6, int7, int8: the codes are stored as int8 whatever the range
+FIT_MARGIN = 0.0025  # aim this far under the limit; accept up to twice as far
+WEIGHT_GROUPS = (("mlp", ".mlp."), ("attn", ".attn."), ("bigram", "bigram."), ("embed", "tok_emb."))
 
 
 def quant_levels(name: str, t: Tensor) -> int:
-    """The coarsest range a tensor may take, its qmax (0: fp16 always): int5 for MLP matrices, int6 for attention,
-    the bigram table and projection and the tied embedding; small tensors stay fp16."""
-    if t.ndim != 2 or t.numel() <= FP16_MAX_ELEMENTS:
+    """The coarsest range a tensor may take, as its qmax; 0: vectors and small matrices stay fp16."""
+    if t.ndim != 2 or t.numel() <= 8192:
         return 0
     return 15 if ".mlp." in name else 31
 
@@ -821,27 +823,20 @@ def finest_steps(w: Tensor, qmax: int) -> Tensor:
     return best_s
 
 
-FIT_MARGIN = 0.0025  # aim this far under the limit; accept up to twice as far
-
-
 def calibrate(model: GPT, micro_batches, rt: Runtime, deadline: float) -> dict:
-    """Per quantized matrix, summed over micro-batches and ranks: `fisher`, each row's squared gradient under
-    labels drawn from the model (the curvature its rounding meets), and for linear layers `gram`, its inputs'
-    Gram matrix (for GPTQ). Micro-batches stop once the next would end past `deadline` (the first runs)."""
-    def gram_hook(gram: Tensor):
-        def hook(module, inputs):
-            x = inputs[0].detach().flatten(0, -2).float()
-            gram.addmm_(x.T, x)
-        return hook
+    """Per quantized matrix: each row's squared gradient under labels sampled from the model (`fisher`, the
+    curvature its rounding meets) and a linear layer's input Gram matrix (`gram`, for GPTQ)."""
+    def add_gram(module, inputs):
+        x = inputs[0].detach().flatten(0, -2).float()
+        grams[module].addmm_(x.T, x)
 
-    stats, hooks, params = {}, [], dict(model.named_parameters())
+    stats, grams, params = {}, {}, dict(model.named_parameters())
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)) and quant_levels(name + ".weight", mod.weight):
             st = stats[name + ".weight"] = {"fisher": torch.zeros(mod.weight.shape[0], device=rt.device)}
             if isinstance(mod, nn.Linear):
-                st["gram"] = torch.zeros(mod.in_features, mod.in_features, device=rt.device)
-                hooks.append(mod.register_forward_pre_hook(gram_hook(st["gram"])))
-    count = torch.zeros((), device=rt.device)
+                st["gram"] = grams[mod] = torch.zeros(mod.in_features, mod.in_features, device=rt.device)
+    hooks, count = [mod.register_forward_pre_hook(add_gram) for mod in grams], torch.zeros((), device=rt.device)
     try:
         for x, _ in micro_batches:
             t0 = time.perf_counter()
@@ -854,7 +849,7 @@ def calibrate(model: GPT, micro_batches, rt: Runtime, deadline: float) -> dict:
             model.zero_grad(set_to_none=True)
             count += x.numel()
             rt.sync()
-            if time.perf_counter() + (time.perf_counter() - t0) > deadline:
+            if time.perf_counter() + (time.perf_counter() - t0) > deadline:  # the next would end past it
                 break
     finally:
         for h in hooks:
@@ -871,9 +866,8 @@ def gptq_factor(gram: Tensor) -> Tensor:
 
 
 def gptq_codes(w: Tensor, scale: Tensor, qmax: Tensor, u: Tensor, block: int = 128) -> Tensor:
-    """GPTQ (Frantar et al. 2022) at fixed per-row steps: columns rounded in turn, each one's error spread over
-    the columns to come as least changes the layer's output on the calibration inputs. Batched over matrices
-    of one shape: w [B, rows, cols], scale [B, rows], qmax [B], u [B, cols, cols] (gptq_factor)."""
+    """GPTQ (Frantar et al. 2022) at fixed row steps, batched over matrices of one shape: w [B, rows, cols],
+    scale [B, rows], qmax [B], u [B, cols, cols] (gptq_factor)."""
     w, lim = w.float().clone(), qmax.float()[:, None]
     q = torch.empty_like(w)
     for i in range(0, w.shape[-1], block):
@@ -888,28 +882,21 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: Tensor, u: Tensor, block: int = 1
 
 
 def coded_bytes(b: Tensor) -> float:
-    """Bytes of a Huffman code for a tensor's bytes (fp16: its low and its high bytes apart, as the payload lays
-    them out). zstd codes literals so: closer to its size than the entropy (up to 8% under it on peaked codes)."""
-    if b.dtype == torch.float16:
-        planes = b.contiguous().view(-1).view(torch.uint8)
-        return coded_bytes(planes[0::2]) + coded_bytes(planes[1::2])
-    heap = [c for c in torch.bincount(b.contiguous().view(-1).view(torch.uint8).long(), minlength=256).tolist() if c]
-    heapq.heapify(heap)
+    """Bytes of a Huffman code per byte plane, as zstd codes literals: closer to its size than the entropy."""
     bits = 0
-    while len(heap) > 1:  # each merge adds a bit to the code of every byte under it
-        merged = heapq.heappop(heap) + heapq.heappop(heap)
-        bits += merged
-        heapq.heappush(heap, merged)
+    for plane in b.contiguous().view(-1).view(torch.uint8).view(-1, b.element_size()).T:
+        heap = [c for c in torch.bincount(plane.long(), minlength=256).tolist() if c]
+        heapq.heapify(heap)
+        while len(heap) > 1:  # each merge adds a bit to the code of every byte under it
+            merged = heapq.heappop(heap) + heapq.heappop(heap)
+            bits += merged
+            heapq.heappush(heap, merged)
     return bits / 8
 
 
-QMAX_LADDER = (15, 31, 63, 127)  # int5, int6, int7, int8: the codes are stored as int8 whatever the range
-
-
 class BudgetFit:
-    """Every row's step from one trade-off for the whole artifact (README, budget fit): step = c / sqrt(Fisher
-    per weight), between the finest its range allows and half its largest weight; a tensor moves up the ladder
-    (int5 -> int8, the embedding on to fp16) while most rows want finer steps. No statistics: all weights equal."""
+    """Every row's step from one trade-off c for the whole artifact (README, budget fit): step = c / sqrt(Fisher
+    per weight) within its range; a tensor moves up QMAX_LADDER while most of its rows want finer steps."""
 
     def __init__(self, state: dict[str, Tensor], stats: dict | None):
         self.fixed, self.rows = {}, {}
@@ -922,42 +909,33 @@ class BudgetFit:
             st = stats["tensors"].get(name, {}) if stats else {}
             a = st.get("fisher", torch.ones(t.shape[0])) / t.shape[1]
             fine = {q: finest_steps(t, q) for q in QMAX_LADDER if q >= qmax}
-            self.rows[name] = {"w": t, "qmax": qmax, "gram": st.get("gram"), "fine": fine,
+            self.rows[name] = {"w": t, "fine": fine, "u": gptq_factor(st["gram"]) if "gram" in st else None,
                                "sens": a.clamp_min(1e-3 * float(a.mean()) or 1e-30),  # rows the data never reached
                                "coarse": torch.maximum(fp16_scale(t.abs().amax(1) / 2), fine[qmax])}
-        # the fp16 tensors never change: their frames are measured once; the estimate covers the rest
+        # the fp16 tensors never change: their frames are measured once, outside the estimate
         self.fixed_bytes = sum(4 + len(zstd_frame(payload(q, None))) for _, _, q, _ in self.fixed.values())
-        # log c from "every row wants finer than int8's finest" (the top rung for all) to "every row at its coarsest"
+        # log c from "every row wants finer than int8's finest" to "every row at its coarsest"
         rows = self.rows.values()
         self.bounds = ((math.log(min(float((r["fine"][127] * r["sens"].sqrt()).min()) for r in rows)) - 1,
                         math.log(max(float((r["coarse"] * r["sens"].sqrt()).max()) for r in rows)))
                        if self.rows else (0.0, 0.0))
 
-    def plan(self, c: float) -> dict[str, tuple[int, Tensor]]:
-        """Per tensor its range and row steps; in FP16_ROWS a row that wants finer than int8's finest step stays
-        fp16 (step 0): row by row, so the size moves smoothly with c."""
-        out = {}
+    def quantize(self, c: float, gptq: bool) -> dict[str, tuple]:
+        """Every tensor at c. An FP16_ROWS row that wants finer than int8 stays fp16 (step 0): row by row, so the
+        size moves smoothly with c."""
+        out, groups = dict(self.fixed), {}
         for name, r in self.rows.items():
             want = c / r["sens"].sqrt()
             qmax = next(q for q in sorted(r["fine"]) if q == 127 or float((want < r["fine"][q]).float().mean()) <= 0.5)
             s = fp16_scale(torch.clamp(want, r["fine"][qmax], r["coarse"]))
-            out[name] = qmax, torch.where(want < r["fine"][127], 0.0, s) if name in FP16_ROWS else s
-        return out
-
-    def quantize(self, c: float, gptq: bool) -> dict[str, tuple]:
-        """Every tensor at multiplier c: plain rounding, or GPTQ for linear layers (one batch per shape)."""
-        out, groups = dict(self.fixed), {}
-        for name, (qmax, s) in self.plan(c).items():
-            r = self.rows[name]
-            if gptq and r["gram"] is not None:
-                if "u" not in r:
-                    r["u"] = gptq_factor(r["gram"])
+            if name in FP16_ROWS:
+                s = torch.where(want < r["fine"][127], 0.0, s)
+            if gptq and r["u"] is not None:  # one GPTQ batch per shape
                 groups.setdefault(r["w"].shape, []).append((name, qmax, s))
             else:  # the fp16 rows: codes 0, their values after the steps
                 keep = s == 0
                 q = torch.clamp(torch.round(r["w"] / torch.where(keep, 1.0, s)[:, None]), -qmax, qmax).to(torch.int8)
-                out[name] = ("int", qmax, q.masked_fill(keep[:, None], 0), torch.cat((s, r["w"][keep].flatten()))
-                             .half())
+                out[name] = "int", qmax, q.masked_fill(keep[:, None], 0), torch.cat((s, r["w"][keep].flatten())).half()
         for names, qmaxes, steps in (zip(*group) for group in groups.values()):
             codes = gptq_codes(torch.stack([self.rows[n]["w"] for n in names]), torch.stack(steps),
                                torch.tensor(qmaxes), torch.stack([self.rows[n]["u"] for n in names]))
@@ -965,14 +943,12 @@ class BudgetFit:
         return dict(sorted(out.items()))
 
     def estimate(self, c: float) -> float:
-        """Bytes of the int tensors at c (plain rounding): Huffman codes of their codes (rows not kept in fp16) and
-        of their fp16 part."""
+        """The int tensors' coded bytes at c, rounded plainly (GPTQ is too slow to bisect with)."""
         return sum(coded_bytes(q[s[:len(q)] != 0]) + coded_bytes(s)
                    for kind, _, q, s in self.quantize(c, False).values() if kind == "int")
 
     def solve(self, factor: float, target: float) -> tuple[float, float]:
-        """(log c, unscaled estimate) of the finest steps whose fp16 frames plus `factor` x the estimate fit
-        `target`, bisected to 1/65536 of the range."""
+        """(log c, estimate) of the finest plan whose fp16 frames plus `factor` x the estimate fit `target`."""
         lo, hi = self.bounds
         best = (lo, self.estimate(math.exp(lo)))
         if self.fixed_bytes + best[1] * factor > target:
@@ -984,17 +960,16 @@ class BudgetFit:
         return best
 
     def fit(self, limit: int, config: dict, gptq: bool) -> tuple[bytes, dict]:
-        """The finest plan whose real artifact fits `limit`: each zstd pass rescales the estimate until one lands
-        within 2*FIT_MARGIN under it (or is the finest plan); else, after 3 passes (the last aiming 1% under),
-        the largest that fitted (a range move can jump the size over the window), or if none, the coarsest plan."""
+        """The finest plan whose real artifact fits `limit`; each zstd pass rescales the estimate. A range move can
+        jump the size over the window: after three passes, the largest that fitted, or else the coarsest plan."""
         factor, best, tried = 1.0, None, set()
-        for passes in range(1, 5):
-            if passes == 4 and best is not None:
-                break
-            if passes < 4:
-                lc, predicted = self.solve(factor, limit * (1 - FIT_MARGIN * (4 if passes == 3 else 1)))
-            else:  # nothing fitted; near the coarsest plan real sizes need not fall with c: it decides
+        for margin in (FIT_MARGIN, FIT_MARGIN, 4 * FIT_MARGIN, None):
+            if margin:
+                lc, predicted = self.solve(factor, limit * (1 - margin))
+            elif best is None:  # near the coarsest plan real sizes need not fall with c: it decides
                 lc, predicted = self.bounds[1], self.estimate(math.exp(self.bounds[1]))
+            else:
+                break
             if lc in tried:
                 break
             tried.add(lc)
@@ -1017,15 +992,13 @@ class BudgetFit:
 
 
 def payload(q: Tensor, s: Tensor | None) -> list[bytes]:
-    """A tensor's byte streams: its int8 codes, if any, then the low and the high bytes of its fp16 part (the values;
-    or the row steps and the fp16 rows)."""
+    """A tensor's byte streams: its int8 codes, if any, then the low and the high bytes of its fp16 part."""
     half = (q if s is None else s).reshape(-1).numpy().view(np.uint8)
     return ([] if s is None else [q.contiguous().numpy().tobytes()]) + [half[0::2].tobytes(), half[1::2].tobytes()]
 
 
 def zstd_frame(streams: list[bytes]) -> bytes:
-    """One zstd-22 frame, each stream in blocks of its own: zstd keeps one Huffman table per block, and streams
-    of different statistics that share a block share a table, and pay for it."""
+    """One zstd-22 frame, each stream in blocks of its own: streams sharing a block share a Huffman table."""
     z = zstandard.ZstdCompressor(level=22).compressobj(size=sum(map(len, streams)))
     return b"".join(z.compress(b) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for b in streams) + z.flush()
 
@@ -1041,9 +1014,7 @@ def dequantize(q: Tensor, s: Tensor | None) -> Tensor:
 
 
 def serialize_artifact(quantized: dict[str, tuple], config: dict) -> bytes:
-    """A JSON header (model config; per tensor name, kind, qmax, shape), then per tensor its streams (payload) as
-    a length-prefixed zstd-22 frame of its own, so a tensor's bytes depend on it alone and the fit's estimate
-    holds tensor by tensor. Same weights, same bytes."""
+    """A JSON header, then a zstd frame per tensor, so that the fit's estimate holds tensor by tensor."""
     entries = [[name, kind, qmax, list(q.shape)] for name, (kind, qmax, q, _) in quantized.items()]
     header = json.dumps({"format": ARTIFACT_FORMAT, "config": config, "tensors": entries}, sort_keys=True).encode()
     streams = [[header]] + [payload(q, s) for (_, _, q, s) in quantized.values()]
@@ -1063,11 +1034,8 @@ def split_frames(blob: bytes) -> list[bytes]:
     return frames
 
 
-ARTIFACT_ERRORS = (zstandard.ZstdError, ValueError, KeyError, TypeError, AttributeError)
-
-
 def read_artifact(path: str) -> tuple[dict, list[bytes]]:
-    """An artifact's parsed header and its tensors' (still compressed) frames."""
+    """The header and the tensors' frames, still compressed: reading the config decompresses no tensor."""
     if not os.path.isfile(path):
         raise UsageError(f"ARTIFACT_PATH={path} does not exist")
     try:
@@ -1104,8 +1072,7 @@ def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
 
 
 def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict | None, log: Logger) -> None:
-    """Fit, compress and write the artifact on rank 0 while the others wait, and log what the fit chose (real bytes
-    per weight by group; tensors moved up the ladder). A failed fit leaves no artifact, not even a stale one."""
+    """Fit and write the artifact on rank 0 while the others wait; a failed fit leaves no artifact, not a stale one."""
     error = None
     if rt.master:
         t0 = time.perf_counter()
@@ -1117,14 +1084,13 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
             blob, info = BudgetFit(model.state_dict(), stats).fit(limit, args.model_config(), args.export_gptq)
             with open(args.artifact_path, "wb") as f:
                 f.write(blob)
-            groups = {}
-            for name, (kind, qmax, q, _) in info["quantized"].items():
-                g = next((g for g, key in (("mlp", ".mlp."), ("attn", ".attn."), ("bigram", "bigram."),
-                                           ("embed", "tok_emb.")) if key in name), "other")
+            groups, moved = {}, []
+            for name, (kind, qmax, q, s) in info["quantized"].items():
+                g = next((g for g, key in WEIGHT_GROUPS if key in name), "other")
                 groups[g] = [a + b for a, b in zip(groups.get(g, (0, 0)), (info["sizes"][name], q.numel()))]
-            moved = [f"{n}:int{QMAX_LADDER.index(qmax) + 5}" + (f"+fp16_rows:{rows}" if rows else "")
-                     for n, (kind, qmax, q, s) in info["quantized"].items() if kind == "int"
-                     for rows in [(len(s) - len(q)) // q.shape[1]] if qmax != quant_levels(n, q) or rows]
+                rows = 0 if s is None else (len(s) - len(q)) // q.shape[1]
+                if qmax != quant_levels(name, q) or rows:  # up the ladder, or with fp16 rows
+                    moved.append(f"{name}:int{QMAX_LADDER.index(qmax) + 5}" + (f"+fp16_rows:{rows}" if rows else ""))
             log(f"export bytes_model:{info['bytes']} predicted:{info['predicted']} limit:{limit} "
                 f"passes:{info['passes']} c:{info['c']:.4e} gptq:{int(args.export_gptq)} "
                 f"calib_tokens:{stats['tokens'] if stats else 0} "
@@ -1139,8 +1105,7 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
 
 
 def account_artifact(args: Hyperparameters, n_params: int, log: Logger) -> dict:
-    """Code bytes (train_gpt.py as it runs) + artifact bytes, read from disk; over the cap is a failure, raised
-    after the artifact and this log line exist."""
+    """Code bytes (train_gpt.py as it runs) + artifact bytes from disk; over the cap fails after the log line."""
     code_bytes, model_bytes = os.path.getsize(os.path.abspath(__file__)), os.path.getsize(args.artifact_path)
     sizes = {"bytes_code": code_bytes, "bytes_model": model_bytes, "bytes_total": code_bytes + model_bytes}
     log(f"artifact bytes_code:{code_bytes} bytes_model:{model_bytes} bytes_total:{sizes['bytes_total']} "

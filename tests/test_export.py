@@ -692,7 +692,8 @@ def test_steps_follow_the_fisher_information():
     fisher = torch.where(torch.arange(64) < 32, 100.0, 1.0) * 256  # half the rows 100x more sensitive
     weighted, uniform = T.BudgetFit({name: w}, {"tensors": {name: {"fisher": fisher}}}), T.BudgetFit({name: w}, None)
     c = math.exp(0.3 * weighted.bounds[0] + 0.7 * weighted.bounds[1])  # a c with rows of both kinds inside the range
-    qmax, s = weighted.plan(c)[name]
+    _, qmax, _, s = weighted.quantize(c, False)[name]
+    s = s.float()  # the row steps, exact in fp16
     free = (s > weighted.rows[name]["fine"][qmax] * 1.01) & (s < weighted.rows[name]["coarse"] * 0.99)
     assert free.sum() > 16
     want = T.fp16_scale(c / (fisher / 256).sqrt())

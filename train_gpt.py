@@ -1133,22 +1133,21 @@ def load_artifact_model(args: Hyperparameters, rt: Runtime) -> GPT:
 
 
 def window_plan(n_tokens: int, seq_len: int, stride: int) -> Tensor:
-    """Window ends: window w feeds tokens [max(0, end_w - seq_len), end_w) and scores the targets in
-    (end_{w-1}, end_w] (end_{-1} = 0), so every target 1..N-1 is scored exactly once."""
+    """Window ends: each window scores the targets after the previous end, so every target is scored exactly once."""
     last = n_tokens - 1
-    first = min(seq_len, last)
-    return torch.cat((torch.arange(first, last, stride), torch.tensor([last])))
+    return torch.cat((torch.arange(min(seq_len, last), last, stride), torch.tensor([last])))
 
 
 def group_sort(keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One stable sort: the permutation, where runs of equal keys start (sorted order), and each entry's rank
-    in its run, which is its count of earlier equal keys."""
+    """One stable sort: the permutation, where runs of equal keys start (sorted order), and each entry's count of
+    earlier equal keys (stream order)."""
     perm = torch.argsort(keys, stable=True)
     sorted_keys = keys[perm]
     idx = torch.arange(len(keys), device=keys.device)
     starts = torch.ones_like(sorted_keys, dtype=torch.bool)
     starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    return perm, starts, idx - torch.cummax(torch.where(starts, idx, 0), dim=0).values
+    rank = idx - torch.cummax(torch.where(starts, idx, 0), dim=0).values
+    return perm, starts, torch.empty_like(rank).scatter_(0, perm, rank)
 
 
 class NgramTables(NamedTuple):
@@ -1159,20 +1158,17 @@ class NgramTables(NamedTuple):
 
 
 def ngram_tables(tokens: Tensor, vocab: int, min_order: int, max_order: int, min_count: int) -> NgramTables:
-    """At every position t, from earlier positions only: the highest order whose context was seen min_count times
-    (context counts alone) and its statistics. Exact dense context ids, re-ranked per order; one stable sort per
-    order gives its joint counts and the next order's context counts (README, n-gram mixing)."""
+    """At each t, from earlier positions only, the highest order whose context was seen min_count times. Context
+    ids stay exact and dense; one stable sort per order gives its joint counts and the next order's context counts."""
     n, dev = len(tokens), tokens.device
-    out = NgramTables(torch.zeros(n, dtype=torch.int8, device=dev), torch.zeros(n, dtype=torch.float64, device=dev),
-                      torch.zeros(n, dtype=torch.int64, device=dev), torch.zeros(n, dtype=torch.int64, device=dev))
-    ids, (perm, starts, rank) = tokens, group_sort(tokens)  # 1-token contexts ending at each i
+    out = NgramTables(*(torch.zeros(n, dtype=d, device=dev)
+                        for d in (torch.int8, torch.float64, torch.int64, torch.int64)))
+    ids, (perm, starts, pc_k) = tokens, group_sort(tokens)  # 1-token contexts ending at each i
     for k in range(1, min(max_order, n)):  # contexts of k tokens: order k + 1 at positions t >= k
-        pc_k = torch.empty_like(rank).scatter_(0, perm, rank)
         if int(pc_k.max()) + 1 < min_count:  # no context repeats enough; longer ones repeat less
             break
         keys = torch.cat((-1 - torch.arange(k, device=dev), ids[:-1][k - 1:] * vocab + tokens[k:]))
-        perm1, starts1, rank1 = group_sort(keys)
-        pc_next = torch.empty_like(rank1).scatter_(0, perm1, rank1)  # c(ctx, x_t) at t, order k + 1
+        perm1, starts1, pc_next = group_sort(keys)  # c(ctx, x_t) at t, order k + 1
         # max_v c_{<t}(ctx, v): over earlier s in t's context group, the joint count including s itself
         w = torch.cat((pc_next[1:] + 1, pc_next.new_zeros(1)))[perm]
         group = torch.cumsum(starts, 0) - 1
@@ -1186,21 +1182,20 @@ def ngram_tables(tokens: Tensor, vocab: int, min_order: int, max_order: int, min
             out.p[k:][hit] = pc_next[k:][hit].double() / c_ctx[hit].double()
             out.count[k:][hit] = c_ctx[hit]
             out.top[k:][hit] = top[k - 1:n - 1][hit]
-        ids = torch.empty_like(rank1).scatter_(0, perm1, torch.cumsum(starts1, 0) - 1)
-        perm, starts, rank = perm1, starts1, rank1
+        ids = torch.empty_like(pc_next).scatter_(0, perm1, torch.cumsum(starts1, 0) - 1)
+        perm, starts, pc_k = perm1, starts1, pc_next
     return out
 
 
 def ngram_alpha(entropy: Tensor, args: Hyperparameters) -> Tensor:
-    """The fixed, entropy-adaptive mixing weight: more n-gram where the model is unsure."""
+    """The fixed mixing weight: more n-gram where the model is unsure."""
     return args.ngram_ent_base + args.ngram_ent_range * torch.sigmoid(
         args.ngram_ent_scale * (entropy - args.ngram_ent_thresh))
 
 
 def mixer_inputs(order: Tensor, count: Tensor, top: Tensor, entropy: Tensor, top_p: Tensor,
                  args: Hyperparameters) -> tuple[Tensor, Tensor]:
-    """Features known before x_t (one-hot order, log c(ctx), the top continuation's share, the model's entropy
-    and top probability) and the offset, the fixed alpha's logit: weights at zero give the fixed alpha."""
+    """Features known before x_t, and the fixed alpha's logit as offset, so zero weights give the fixed alpha."""
     one_hot = F.one_hot(order.long() - args.ngram_min_order, args.ngram_max_order - args.ngram_min_order + 1)
     c = count.double()
     phi = torch.cat((one_hot.double(), torch.stack((c.log(), top / c, entropy, top_p), 1)), 1)
@@ -1212,9 +1207,8 @@ def mixture_nll(z: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
 
 
 class NgramMixer:
-    """alpha_t = trust_t * sigmoid(offset_t + w . phi_t) over the whole stream, the same on every rank. Learned: w
-    refitted at chunk ends on targets already scored, trust_t the posterior that the mixture beat the model alone
-    before t, so it never costs over a bit in all (README). Fixed: w = 0 and trust 1, the entropy alpha itself."""
+    """alpha_t = trust_t * sigmoid(offset_t + w . phi_t): w refitted on targets already scored, trust_t the posterior
+    that the mixture beat the model before t, so it never costs over a bit (README). Fixed: w = 0, trust 1."""
 
     def __init__(self, args: Hyperparameters, device):
         self.args, self.bounds, self.learn = args, [1], args.ngram_mixer == "learned"
@@ -1223,19 +1217,19 @@ class NgramMixer:
 
     @staticmethod
     def alpha(offset: Tensor, phi: Tensor, w: Tensor) -> Tensor:
-        """The weight before the trust, below 1 - 1e-6: no target gets probability 0, the evidence stays finite."""
+        # below 1 - 1e-6: no target gets probability 0, so the evidence stays finite
         return torch.sigmoid(offset + phi @ w).clamp(max=1 - 1e-6)
 
     def weights_at(self, t: int) -> Tensor:
         return self.weights[bisect.bisect_right(self.bounds, t) - 1]
 
     def alpha_at(self, t: int, phi: Tensor, offset: Tensor) -> Tensor:
-        """The weight in force at matched target t, from its features: the audit's recomputation."""
+        """The weight in force at matched target t, recomputed from its features for the audit."""
         trust = torch.sigmoid(self.evidence[int(torch.searchsorted(self.pos, t))])
         return trust * self.alpha(offset, phi, self.weights_at(t))
 
     def fit(self, w: Tensor, phi: Tensor, offset: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
-        """NGRAM_MIX_STEPS damped Newton steps on the mixture's log loss, with an L2 pull to zero (the fixed alpha)."""
+        """Damped Newton steps on the mixture's log loss, with an L2 pull towards zero (the fixed alpha)."""
         lam = self.args.ngram_mix_l2
 
         def loss(w):
@@ -1256,8 +1250,8 @@ class NgramMixer:
         return w
 
     def alphas(self, feats: tuple, pos: Tensor, p_model: Tensor, p_ng: Tensor) -> Tensor:
-        """alpha at the matched positions `pos` (sorted); `feats` holds their (order, count, top, entropy, top_p).
-        Chunks grow from NGRAM_MIX_FIRST targets to NGRAM_MIX_CHUNK; a refit sees up to that many before it."""
+        """alpha at the sorted matched positions `pos`, in chunks doubling from NGRAM_MIX_FIRST targets to
+        NGRAM_MIX_CHUNK; a refit sees at most NGRAM_MIX_CHUNK earlier targets, so each stays cheap."""
         args, out, start, size, fitted = self.args, torch.empty_like(p_ng), 1, self.args.ngram_mix_first, 0
         end_all = int(pos[-1]) + 1 if len(pos) else 1
         while start < end_all:
@@ -1272,29 +1266,27 @@ class NgramMixer:
                 self.weights.append(self.fit(self.weights[-1], phi, offset, p_model[seen], p_ng[seen]))
                 self.bounds.append(end)
             start, size = end, min(2 * size, args.ngram_mix_chunk)
-        gain = torch.log1p(out * (p_ng / p_model - 1))  # log p_mixed - log p_model, the mixture's edge
-        self.pos = pos  # the evidence: summed over the targets before each (fixed: +inf, trust 1)
+        gain = torch.log1p(out * (p_ng / p_model - 1))  # log p_mixed - log p_model
+        self.pos = pos  # the evidence before each target (fixed: +inf, trust 1)
         self.evidence = torch.cumsum(gain, 0) - gain if self.learn else torch.full_like(gain, math.inf)
         return out * torch.sigmoid(self.evidence)
 
 
 def eval_forward(model: GPT, args: Hyperparameters, rt: Runtime):
-    """model.hidden, compiled once per model on CUDA so the passes that share its shapes share the compile."""
-    use_compile = args.compile if args.compile is not None else rt.is_cuda
-    if not use_compile:
+    """model.hidden, compiled once per model so the passes that share its shapes share the compile."""
+    if not (args.compile if args.compile is not None else rt.is_cuda):
         return model.hidden
     if not hasattr(model, "_compiled_hidden"):
         model._compiled_hidden = torch.compile(model.hidden, dynamic=False)
     return model._compiled_hidden
 
 
+@torch.no_grad()
 def eval_logprobs(model: GPT, hidden_fn, inputs: Tensor, rows: Tensor, rt: Runtime) -> Tensor:
-    """float64 log-probabilities at the flat positions `rows`: the body in the training precision, the head and
-    softmax in float64, so a row does not depend on its batch (normalized to ~1e-15)."""
-    with torch.no_grad():
-        with rt.autocast():
-            h = hidden_fn(inputs)
-        return torch.log_softmax(model.logits(h.flatten(0, 1)[rows], torch.float64), dim=-1)
+    """A float64 head and softmax: a row's probabilities do not depend on its batch (README, eval precision)."""
+    with rt.autocast():
+        h = hidden_fn(inputs)
+    return torch.log_softmax(model.logits(h.flatten(0, 1)[rows], torch.float64), dim=-1)
 
 
 class Deadline:
@@ -1313,22 +1305,20 @@ SCORE_ROWS = ("nll", "entropy", "top_p", "scored")  # per stream position; the l
 
 def score_windows(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, log: Logger, *, label: str,
                   seq_len: int, stride: int, deadline: Deadline) -> Tensor:
-    """This rank's share of the windows: per stream position it scored the SCORE_ROWS (zeros elsewhere), then 1
-    if the deadline passed. Summed over ranks it is the whole stream: each position has one owner."""
-    t0, n_tok = time.perf_counter(), len(val)
-    ends = window_plan(n_tok, seq_len, stride)
-    new_targets = ends - torch.cat((torch.zeros(1, dtype=torch.int64), ends[:-1]))  # what each window scores
+    """This rank's windows scored into SCORE_ROWS (other ranks' positions stay 0), then 1 if the deadline passed:
+    each position has one owner, so the sum over ranks is the whole stream."""
+    t0 = last_report = time.perf_counter()
+    ends = window_plan(len(val), seq_len, stride)
+    new_targets = torch.diff(ends, prepend=ends.new_zeros(1))  # what each window scores
     lo, hi = len(ends) * rt.rank // rt.world_size, len(ends) * (rt.rank + 1) // rt.world_size
-    hidden_fn = eval_forward(model, args, rt)
-    buf = torch.zeros(len(SCORE_ROWS) * n_tok + 1, dtype=torch.float64, device=rt.device)
-    rows_out = buf[:-1].view(len(SCORE_ROWS), n_tok)
-    B, last_report = args.eval_batch_seqs, time.perf_counter()
+    hidden_fn, B = eval_forward(model, args, rt), args.eval_batch_seqs
+    buf = torch.zeros(len(SCORE_ROWS) * len(val) + 1, dtype=torch.float64, device=rt.device)
+    rows_out = buf[:-1].view(len(SCORE_ROWS), len(val))
     model.eval()
     for b in range(lo, hi, B):
         if deadline.passed():
             break
-        # the batch's stream positions [B, length] and the flat indices it scores, planned on the host (no data-
-        # dependent shape on the device); a short last batch is padded with windows that score nothing
+        # planned on the host, a short last batch padded with windows that score nothing: no data-dependent shapes
         e = min(b + B, hi)
         batch_ends = torch.cat((ends[b:e], ends[e - 1:e].repeat(B - (e - b))))
         n_scored = torch.cat((new_targets[b:e], new_targets.new_zeros(B - (e - b))))
@@ -1350,15 +1340,14 @@ def score_windows(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, l
 
 
 def stream_scores(buf: Tensor, val: Tensor, luts, t0: float) -> dict:
-    """The summed buffer as per-position tensors, and the score: complete only if every target was scored
-    exactly once and no rank was past the deadline."""
+    """The summed buffer as per-position tensors, and the score: complete if each target was scored once in time."""
     cols = dict(zip(SCORE_ROWS, buf[:-1].view(len(SCORE_ROWS), len(val))))
     scored = cols["scored"][1:]
-    n_scored = int(scored.sum().item())
-    nbytes = int((target_bytes(val[:-1], val[1:], luts).double() * scored).sum().item())
-    nll = float(cols["nll"].sum().item())
+    n_scored = int(scored.sum())
+    nbytes = int((target_bytes(val[:-1], val[1:], luts).double() * scored).sum())
+    nll = float(cols["nll"].sum())
     return {"tokens": n_scored, "bytes": nbytes, "coverage": n_scored / (len(val) - 1),
-            "complete": bool((scored == 1).all().item()) and not buf[-1].item(),
+            "complete": bool((scored == 1).all()) and not buf[-1],
             "loss_model": nll / max(n_scored, 1), "bpb_model": nll / math.log(2) / max(nbytes, 1),
             "eval_ms": 1000 * (time.perf_counter() - t0), "stream": cols}
 
@@ -1786,23 +1775,20 @@ def run() -> None:
     if rt.master:
         with open(args.submission_path, "w", encoding="utf-8") as f:
             name = f"10L XSA+VRL+BigramHash+SmearGate, int5/int6+zstd, exact n-gram backoff (run {args.run_id})"
-            json.dump({"name": name,
-                       "author": args.author or None, "github_id": args.github_id or None,
+            json.dump({"name": name, "author": args.author or None, "github_id": args.github_id or None,
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "seed": args.seed, "world_size": rt.world_size, "device": device_name, **fields}, f, indent=2)
         log(f"submission path:{args.submission_path}")
 
 
 def main() -> int:
+    code = 0
     try:
         run()
-        code = 0
-    except UsageError as e:
-        code, msg = 2, str(e)
-    except EvalFailure as e:
-        code, msg = 3, str(e)
-    if code and os.environ.get("RANK", "0") == "0":
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+    except (UsageError, EvalFailure) as e:
+        code = 2 if isinstance(e, UsageError) else 3
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
     if dist.is_initialized():
         if code in (0, 3):  # every rank got here on the same path: let none tear down while another still talks
             dist.barrier()

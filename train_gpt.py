@@ -1373,15 +1373,14 @@ def documents(val: Tensor) -> list[tuple[int, int]]:
 
 
 def ttt_batches(docs: list[tuple[int, int]], size: int) -> list[list[int]]:
-    """Documents longest first (ties by position), TTT_DOCS a batch: the same batches on any world size."""
+    """Longest first (ties by position), `size` a batch: the same batches on any world size."""
     order = sorted(range(len(docs)), key=lambda d: (docs[d][0] - docs[d][1], d))
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 class DocBatch:
-    """A batch of documents scored chunk by chunk, each slot with low-rank adapters of its own (B = 0 at first,
-    so a first chunk scores as the base model, A drawn from a generator seeded by the document): chunk(i) scores
-    every slot's chunk i with the adapters trained on its earlier chunks; learn() then steps on their losses."""
+    """Documents scored chunk by chunk with adapters of their own: B = 0, so a first chunk scores as the base model;
+    A seeded by the document, so the audit's replay draws the same."""
 
     def __init__(self, model: GPT, val: Tensor, docs: list[tuple[int, int]], args: Hyperparameters, rt: Runtime,
                  adapt: bool):
@@ -1392,39 +1391,38 @@ class DocBatch:
         model.requires_grad_(False)  # only the adapters learn
         gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + s) for s, _ in docs]
         names = {TTT_TARGETS[t] for t in args.ttt_targets.split(",")}
-        mods = [m for name, m in model.named_modules()
-                if name.startswith("blocks.") and name.split(".", 2)[-1] in names]
-        for m in mods + ([model.tok_emb] if None in names else []):  # the head: the tied embedding, read as outputs
-            n_in, n_out = (m.in_features, m.out_features) if m in mods else (m.embedding_dim, m.num_embeddings)
+        targets = [(m, m.in_features, m.out_features) for name, m in model.named_modules()
+                   if name.startswith("blocks.") and name.split(".", 2)[-1] in names]
+        if None in names:  # the head: the tied embedding, read as outputs
+            targets.append((None, model.tok_emb.embedding_dim, model.tok_emb.num_embeddings))
+        for m, n_in, n_out in targets:
             a = torch.stack([torch.randn(args.ttt_rank, n_in, generator=g) / math.sqrt(n_in) for g in gens])
             a = F.pad(a, (0, 0, 0, 0, 0, args.ttt_docs - len(docs)))  # empty slots: adapters that stay zero
             b = torch.zeros(args.ttt_docs, n_out, args.ttt_rank, device=rt.device)
-            self.adapters.append((m if m in mods else None, a.to(rt.device).requires_grad_(), b.requires_grad_()))
+            self.adapters.append((m, a.to(rt.device).requires_grad_(), b.requires_grad_()))
         self.opt = torch.optim.AdamW([t for _, a, b in self.adapters for t in (a, b)], lr=args.ttt_lr,
                                      betas=(0.0, 0.999), weight_decay=args.ttt_wd)
 
     def chunk(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(positions, float64 log-probability rows, nll) of the targets of every slot's chunk i."""
+        """(positions, float64 log-probability rows, nll) of every slot's chunk i, by the adapters as they are."""
         C, L, D = self.args.ttt_chunk, self.args.eval_seq_len, self.args.ttt_docs
         spans = [(s + i * C, min(s + (i + 1) * C, e), s) for s, e in self.docs if s + i * C < e]
         spans = [(a, b, max(s, b - L)) for a, b, s in spans] + [(0, 0, 0)] * (D - len(spans))
         T = max(b - w for _, b, w in spans)
         cols, offs = torch.arange(T), torch.arange(C)
         # a slot's window: tokens [w, b), padded after b with its last token; its targets a+1..b are rows a-w..b-1-w
-        x = torch.stack([torch.clamp(w + cols, max=max(b - 1, 0)) for a, b, w in spans])
-        rows = torch.stack([torch.clamp(a - w + offs, max=max(b - 1 - w, 0)) for a, b, w in spans])
-        mask = torch.stack([offs < b - a for a, b, _ in spans])
-        pos = torch.stack([torch.clamp(a + 1 + offs, max=b) for a, b, _ in spans])
-        x, rows, mask, pos = (self.rt.upload(t) for t in (x, rows, mask, pos))
+        per_slot = [(torch.clamp(w + cols, max=max(b - 1, 0)), torch.clamp(a - w + offs, max=max(b - 1 - w, 0)),
+                     offs < b - a, torch.clamp(a + 1 + offs, max=b)) for a, b, w in spans]
+        x, rows, mask, pos = (self.rt.upload(torch.stack(t)) for t in zip(*per_slot))
         hooks = [m.register_forward_hook(lambda m, inp, out, a=a, b=b: out + (inp[0] @ a.mT.to(inp[0].dtype))
                                          @ b.mT.to(inp[0].dtype)) for m, a, b in self.adapters if m is not None]
-        try:
-            with torch.set_grad_enabled(bool(self.adapters)), self.rt.autocast():
-                h = self.model.hidden(self.val[x])
-        finally:
-            for hook in hooks:
-                hook.remove()
         with torch.set_grad_enabled(bool(self.adapters)):
+            try:
+                with self.rt.autocast():
+                    h = self.model.hidden(self.val[x])
+            finally:
+                for hook in hooks:
+                    hook.remove()
             h = h.gather(1, rows[..., None].expand(-1, -1, h.size(-1))).float()
             delta = next(((h @ a.mT) @ b.mT for m, a, b in self.adapters if m is None), None)
             logp = torch.log_softmax(self.model.logits(h, torch.float64, delta), dim=-1)
@@ -1440,22 +1438,20 @@ class DocBatch:
 
 def ttt_scores(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime,
                deadline: Deadline) -> tuple[Tensor, Tensor]:
-    """This rank's batches (every world_size-th) scored with adaptation, as score_windows' buffer; and which
-    documents were adapted. A batch is adapted while the measured rate says the rest would still end
-    TTT_RESERVE_SECONDS inside the budget; the remaining ones are scored as the base model, so the score is whole."""
+    """This rank's batches (every world_size-th) as score_windows' buffer, and which documents were adapted: only
+    while the measured rate leaves TTT_RESERVE_SECONDS of the budget; the rest score as the base model (whole)."""
     docs = documents(val)
-    batches = ttt_batches(docs, args.ttt_docs)
+    mine = ttt_batches(docs, args.ttt_docs)[rt.rank::rt.world_size]
     buf = torch.zeros(len(SCORE_ROWS) * len(val) + 1, dtype=torch.float64, device=rt.device)
     rows_out, adapted = buf[:-1].view(len(SCORE_ROWS), len(val)), torch.zeros(len(docs), device=rt.device)
-    mine = batches[rt.rank::rt.world_size]
-    left, done, t0, adapt = sum(docs[d][1] - docs[d][0] for batch in mine for d in batch), 0, time.perf_counter(), True
-    for batch in mine:
+    sizes = [sum(docs[d][1] - docs[d][0] for d in batch) for batch in mine]
+    done, t0, adapt = 0, time.perf_counter(), True
+    for batch, tokens in zip(mine, sizes):
         if deadline.passed():
             break
-        tokens = sum(docs[d][1] - docs[d][0] for d in batch)
-        if adapt and done and deadline.seconds > 0:
+        if adapt and done and deadline.seconds > 0:  # would the rest, at the rate so far, leave the reserve?
             rate = (time.perf_counter() - t0) / done
-            adapt = deadline.elapsed() + rate * left <= deadline.seconds - args.ttt_reserve_seconds
+            adapt = deadline.elapsed() + rate * (sum(sizes) - done) <= deadline.seconds - args.ttt_reserve_seconds
         b = DocBatch(model, val, [docs[d] for d in batch], args, rt, adapt)
         for i in range(b.steps):
             pos, logp, nll = b.chunk(i)
@@ -1464,14 +1460,14 @@ def ttt_scores(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime,
             if adapt:
                 b.learn()
         adapted[batch] = float(adapt)
-        done, left = done + tokens * adapt, left - tokens
+        done += tokens
     buf[-1] = float(deadline.passed())
     return buf, adapted
 
 
 def switched(sliding: dict, ttt: dict) -> dict:
-    """The TTT pass behind a switch: p(x_t) = w_t p_ttt + (1 - w_t) p_sliding, w_t the posterior (prior 1/2) that
-    TTT predicted the targets before t better; so over any prefix it costs at most 1 bit more than the better pass."""
+    """p(x_t) = w_t p_ttt + (1 - w_t) p_sliding, w_t the posterior (prior 1/2) that TTT predicted the targets
+    before t better: over any prefix at most 1 bit worse than the better pass."""
     a, b = sliding["stream"]["nll"], ttt["stream"]["nll"]
     evidence = torch.cumsum(a - b, 0) - (a - b)
     nll = -torch.logaddexp(F.logsigmoid(evidence) - b, F.logsigmoid(-evidence) - a)
@@ -1481,38 +1477,12 @@ def switched(sliding: dict, ttt: dict) -> dict:
                 bpb_model=loss / math.log(2) / max(ttt["bytes"], 1))
 
 
-def ttt_audit_rows(model: GPT, val: Tensor, positions: list[int], args: Hyperparameters, rt: Runtime,
-                   adapted: Tensor) -> Tensor:
-    """The model's row at each target t from a replay of t's batch up to t's chunk, in the fast path's shapes,
-    with the tokens of t's document from t on replaced: adapters that saw x_t or later disagree."""
-    docs = documents(val)
-    starts, batch_of = torch.tensor([s for s, _ in docs]), {}
-    for batch in ttt_batches(docs, args.ttt_docs):
-        batch_of.update({d: batch for d in batch})
-    out = []
-    for t in positions:
-        d = int(torch.searchsorted(starts, t)) - 1  # the document with start < t <= end
-        (s, e), k = docs[d], (t - docs[d][0] - 1) // args.ttt_chunk  # t's chunk
-        saved = val[t:e].clone()
-        val[t:e] = (saved + 1) % args.vocab_size  # changed in place for the replay, restored after it
-        try:
-            b = DocBatch(model, val, [docs[j] for j in batch_of[d]], args, rt, bool(adapted[d]))
-            for i in range(k + 1):
-                pos, logp, _ = b.chunk(i)
-                if b.adapters and i < k:
-                    b.learn()
-        finally:
-            val[t:e] = saved
-        out.append(logp[pos == t])
-    return torch.cat(out) if out else torch.zeros(0, args.vocab_size, dtype=torch.float64, device=rt.device)
-
-
 def ngram_mixture(res: dict, tables: NgramTables, args: Hyperparameters) -> dict:
     """The mixed stream, score first: p = (1 - alpha) p_model + alpha p_ng where a context matched, else p_model."""
     cols, t0 = res["stream"], time.perf_counter()
     pos = torch.nonzero(tables.order[1:] > 0).flatten() + 1
-    p_model, p_ng, feats = torch.exp(-cols["nll"][pos]), tables.p[pos], (
-        tables.order[pos], tables.count[pos], tables.top[pos], cols["entropy"][pos], cols["top_p"][pos])
+    p_model, p_ng = torch.exp(-cols["nll"][pos]), tables.p[pos]
+    feats = (tables.order[pos], tables.count[pos], tables.top[pos], cols["entropy"][pos], cols["top_p"][pos])
     mixer = NgramMixer(args, pos.device)
     alpha = mixer.alphas(feats, pos, p_model, p_ng)
     nll_mixed = cols["nll"].clone()
@@ -1520,19 +1490,33 @@ def ngram_mixture(res: dict, tables: NgramTables, args: Hyperparameters) -> dict
     nan = torch.full_like(nll_mixed, math.nan)
     loss = float(nll_mixed.sum().item())
     return dict(res, loss_mixed=loss / max(res["tokens"], 1), bpb_mixed=loss / math.log(2) / max(res["bytes"], 1),
-                nll_mixed=nll_mixed, alpha=nan.index_put((pos,), alpha), trust=nan.index_put((pos,), torch.sigmoid(
-                    mixer.evidence)), mixer=mixer, mix_ms=1000 * (time.perf_counter() - t0))
+                nll_mixed=nll_mixed, alpha=nan.index_put((pos,), alpha),
+                trust=nan.index_put((pos,), torch.sigmoid(mixer.evidence)), mixer=mixer,
+                mix_ms=1000 * (time.perf_counter() - t0))
+
+
+def log_mixer(mixed: dict, tables: NgramTables, log: Logger) -> None:
+    """Where the n-gram was used and what it bought, by order: a reader can see the mixture pay or cost."""
+    nll, nll_mixed, alpha, mixer = mixed["stream"]["nll"], mixed["nll_mixed"], mixed["alpha"], mixed["mixer"]
+    parts = []
+    for o in sorted(set(tables.order.unique().tolist()) - {0}):
+        m = tables.order == o
+        gain = float((nll[m] - nll_mixed[m]).sum()) / math.log(2) / mixed["bytes"]
+        parts.append(f"{o}:{int(m.sum())}/{float(alpha[m].mean()):.3f}/{gain:+.5f}")
+    learned = (f"refits:{len(mixer.weights) - 1} final_trust:{float(torch.sigmoid(mixer.evidence[-1:]).sum()):.4f} "
+               "weights:" + ",".join(f"{v:.3g}" for v in mixer.weights[-1].tolist()) if mixer.learn else "")
+    log(f"ngram_mix mixer:{'learned' if mixer.learn else 'fixed'} ms:{mixed['mix_ms']:.0f} "
+        f"order:targets/mean_alpha/bpb_gain {' '.join(parts)} {learned}".rstrip())
 
 
 def final_line(kind: str, res: dict, which: str = "model") -> str:
-    head = f"final_{kind}"
     tail = f"tokens:{res['tokens']} bytes:{res['bytes']} coverage:{res['coverage']:.6f} eval_ms:{res['eval_ms']:.0f}"
     if not res["complete"]:
-        return f"{head} INCOMPLETE {tail}"
-    return f"{head} val_loss:{res['loss_' + which]:.8f} val_bpb:{res['bpb_' + which]:.8f} {tail}"
+        return f"final_{kind} INCOMPLETE {tail}"
+    return f"final_{kind} val_loss:{res['loss_' + which]:.8f} val_bpb:{res['bpb_' + which]:.8f} {tail}"
 
 
-# The audit: for sampled targets, the whole V-way mixed distribution rebuilt without the fast path.
+# The audit: for sampled targets, the whole V-way mixed distribution rebuilt without the fast path (README).
 
 AUDIT_TOL = 1e-6  # on every device: both sides are float64 heads on bitwise-equal hidden states
 
@@ -1544,18 +1528,15 @@ def audit_positions(order: Tensor, count: int, seed: int) -> list[int]:
     picks = set((rng.choice(n - 1, size=min(count - count // 2, n - 1), replace=False) + 1).tolist())
     matched = torch.cumsum(order[1:] > 0, 0)  # matched[i]: how many of the targets 1..i+1 matched
     m = int(matched[-1])
-    if m:
-        ranks = torch.from_numpy(rng.choice(m, size=min(count // 2, m), replace=False) + 1).to(order.device)
-        picks |= set((torch.searchsorted(matched, ranks) + 1).tolist())
+    ranks = torch.from_numpy(rng.choice(m, size=min(count // 2, m), replace=False) + 1).to(order.device)
+    picks |= set((torch.searchsorted(matched, ranks) + 1).tolist())
     return sorted(picks)
 
 
 def brute_force_ngram(tokens: Tensor, t: int, vocab: int, args: Hyperparameters) -> tuple[Tensor | None, int, int]:
     """(distribution, order, c(ctx)) at t, rebuilt from the prefix tokens[:t] by direct comparison."""
-    for n in range(args.ngram_max_order, args.ngram_min_order - 1, -1):
+    for n in range(min(args.ngram_max_order, t), args.ngram_min_order - 1, -1):  # an order-n context needs t >= n
         k = n - 1
-        if t < k + 1:
-            continue
         windows = tokens[:t - 1].unfold(0, k, 1)  # windows[i] = tokens[i:i+k], context of position i+k
         match = (windows == tokens[t - k:t]).all(dim=1)
         c = int(match.sum())
@@ -1565,13 +1546,13 @@ def brute_force_ngram(tokens: Tensor, t: int, vocab: int, args: Hyperparameters)
 
 
 def audit_model_logp(model: GPT, val: Tensor, positions: list[int], args: Hyperparameters, rt: Runtime) -> Tensor:
-    """The model's float64 log-probabilities at each target t from a forward of its own: t's window with every
-    token from t on replaced (x -> x+1 mod V), in the fast path's batch shape and precision, so a causal model
-    gives the fast path's hidden state and anything that saw x_t or later disagrees."""
+    """The model's float64 row at each target t from t's window with every token from t on replaced (x -> x+1 mod V),
+    in the fast path's batch shape and precision: a causal model gives its hidden state, a leaking one does not."""
     n, B = len(val), args.eval_batch_seqs
     ends = window_plan(n, args.eval_seq_len, args.eval_stride)
     length = min(args.eval_seq_len, n - 1)
-    hidden_fn, out = eval_forward(model, args, rt), []
+    hidden_fn = eval_forward(model, args, rt)
+    out = [torch.zeros(0, args.vocab_size, dtype=torch.float64, device=rt.device)]  # no rows for no positions
     for i in range(0, len(positions), B):
         t = torch.tensor(positions[i:i + B], dtype=torch.int64)
         k = len(t)
@@ -1581,14 +1562,39 @@ def audit_model_logp(model: GPT, val: Tensor, positions: list[int], args: Hyperp
         x = val[idx]
         x = torch.where(idx >= rt.upload(t)[:, None], (x + 1) % args.vocab_size, x)
         out.append(eval_logprobs(model, hidden_fn, x, rt.upload(torch.arange(k) * length + t[:k] - 1 - start[:k]), rt))
-    return torch.cat(out) if out else torch.zeros(0, args.vocab_size, dtype=torch.float64, device=rt.device)
+    return torch.cat(out)
+
+
+def ttt_audit_rows(model: GPT, val: Tensor, positions: list[int], args: Hyperparameters, rt: Runtime,
+                   adapted: Tensor) -> Tensor:
+    """audit_model_logp for the TTT pass: a replay of t's batch up to t's chunk, t's document replaced from t on,
+    so adapters that saw x_t or later disagree with the fast path."""
+    docs = documents(val)
+    starts = torch.tensor([s for s, _ in docs])
+    batch_of = {d: batch for batch in ttt_batches(docs, args.ttt_docs) for d in batch}
+    out = [torch.zeros(0, args.vocab_size, dtype=torch.float64, device=rt.device)]
+    for t in positions:
+        d = int(torch.searchsorted(starts, t)) - 1  # the document with start < t <= end
+        s, e = docs[d]
+        saved = val[t:e].clone()
+        val[t:e] = (saved + 1) % args.vocab_size  # changed in place for the replay, restored after it
+        try:
+            b = DocBatch(model, val, [docs[j] for j in batch_of[d]], args, rt, bool(adapted[d]))
+            k = (t - s - 1) // args.ttt_chunk  # t's chunk
+            for i in range(k + 1):
+                pos, logp, _ = b.chunk(i)
+                if b.adapters and i < k:
+                    b.learn()
+        finally:
+            val[t:e] = saved
+        out.append(logp[pos == t])
+    return torch.cat(out)
 
 
 def audit_ngram(records: list, logp_rows: Tensor, tokens: Tensor, vocab: int, args: Hyperparameters, alpha_at,
                 dist_fn=brute_force_ngram, feature_rows: Tensor | None = None) -> dict:
-    """For each record (t, p_fast, order_fast) and its own model row: the mixture of that row and the brute-force
-    n-gram, alpha recomputed by alpha_at(t, phi, offset) from the raw counts and the row's entropy and top probability
-    (or feature_rows'), written out here, must sum to 1, give x_t the fast path's probability and use its order."""
+    """Each record (t, p_fast, order_fast) rebuilt from its own model row, the brute-force n-gram and alpha_at (on
+    the row's, or feature_rows', entropy and top probability): the mixture must sum to 1 and match the fast path."""
     sum_err, target_err, order_mismatch = 0.0, 0.0, 0
     feature_rows = logp_rows if feature_rows is None else feature_rows
     for (t, p_fast, order_fast), logp, feat in zip(records, logp_rows, feature_rows):
@@ -1625,29 +1631,27 @@ def run_audit(model: GPT, val: Tensor, mixed: dict, tables: NgramTables, picks: 
 
 
 def write_dump(path: str, val: Tensor, res: dict, tables: NgramTables | None) -> None:
-    """Per target t = 1..N-1: the model's nll, entropy, top probability; the n-gram's order, c(ctx), top count,
-    p_ng(x_t); alpha, the trust and the mixed nll (NaN / the model's nll where unmatched)."""
+    """Per target t = 1..N-1, for offline study of the mixture: NaN (or the model's nll) where nothing matched."""
     cols, n = res["stream"], len(val)
+    nan = torch.full_like(cols["nll"], math.nan)
     if tables is None:
         tables = NgramTables(*(torch.zeros(n, dtype=d, device=val.device)
                                for d in (torch.int8, torch.float64, torch.int64, torch.int64)))
     out = {"pos": torch.arange(n), "target": val, "nll_model": cols["nll"], "entropy": cols["entropy"],
            "top_p": cols["top_p"], "order": tables.order.long(), "count": tables.count, "top": tables.top,
-           "p_ng": torch.where(tables.order > 0, tables.p, math.nan),
-           "alpha": res.get("alpha", torch.full_like(cols["nll"], math.nan)),
-           "nll_mixed": res.get("nll_mixed", cols["nll"]),
-           "trust": res.get("trust", torch.full_like(cols["nll"], math.nan))}
+           "p_ng": torch.where(tables.order > 0, tables.p, math.nan), "alpha": res.get("alpha", nan),
+           "nll_mixed": res.get("nll_mixed", cols["nll"]), "trust": res.get("trust", nan)}
     np.savez(path, **{k: v[1:].cpu().numpy() for k, v in out.items()})
 
 
 def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger,
                    deadline: Deadline, timings: dict) -> tuple[dict, dict, dict | None]:
-    """The sliding window; with TTT=1 the TTT pass, whose per-target values the mixture then takes; and the n-gram
+    """The sliding window; with TTT=1 the TTT pass behind the switch, which the mixture then takes; the n-gram
     mixture once the audit has passed, complete only if all of it ends inside the deadline."""
     res = evaluate(model, val, luts, args, rt, log, label="sliding", seq_len=args.eval_seq_len,
                    stride=args.eval_stride, deadline=deadline)
     timings["sliding_ms"] = res["eval_ms"]
-    log(final_line("sliding", res, "model"))
+    log(final_line("sliding", res))
     base, mixed, tables = res, None, None
     if args.ttt:
         t0 = time.perf_counter()
@@ -1658,7 +1662,7 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
             f"chunk:{args.ttt_chunk} docs_per_batch:{args.ttt_docs} targets:{args.ttt_targets} "
             f"ms:{base['eval_ms']:.0f} val_bpb_adapted:{base['bpb_adapted']:.8f} switch_weight:{weight:.4f}"
             + (f" peak_memory_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}" if rt.is_cuda else ""))
-        log(final_line("ttt", base, "model"))
+        log(final_line("ttt", base))
     if args.ngram:
         mixed = dict(base)  # an incomplete pass leaves nothing to mix: the n-gram score is INCOMPLETE too
         if base["complete"]:
@@ -1687,20 +1691,6 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
         write_dump(args.eval_dump_path, val, mixed or base, tables)
         log(f"eval_dump path:{args.eval_dump_path} tokens:{base['tokens']}")
     return res, base, mixed
-
-
-def log_mixer(mixed: dict, tables: NgramTables, log: Logger) -> None:
-    """Where the n-gram was used and what it bought, by order: a reader can see the mixture pay or cost."""
-    nll, nll_mixed, alpha, mixer = mixed["stream"]["nll"], mixed["nll_mixed"], mixed["alpha"], mixed["mixer"]
-    parts = []
-    for o in sorted(set(tables.order.unique().tolist()) - {0}):
-        m = tables.order == o
-        gain = float((nll[m] - nll_mixed[m]).sum()) / math.log(2) / mixed["bytes"]
-        parts.append(f"{o}:{int(m.sum())}/{float(alpha[m].mean()):.3f}/{gain:+.5f}")
-    learned = (f"refits:{len(mixer.weights) - 1} final_trust:{float(torch.sigmoid(mixer.evidence[-1:]).sum()):.4f} "
-               "weights:" + ",".join(f"{v:.3g}" for v in mixer.weights[-1].tolist()) if mixer.learn else "")
-    log(f"ngram_mix mixer:{'learned' if mixer.learn else 'fixed'} ms:{mixed['mix_ms']:.0f} "
-        f"order:targets/mean_alpha/bpb_gain {' '.join(parts)} {learned}".rstrip())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1156,13 +1156,17 @@ class NgramTables(NamedTuple):
     count: Tensor  # c(ctx): earlier positions with t's context, at that order
     top: Tensor    # max_v c(ctx, v): how often the most frequent continuation followed it
 
+    @staticmethod
+    def empty(n: int, device) -> NgramTables:
+        return NgramTables(*(torch.zeros(n, dtype=d, device=device)
+                             for d in (torch.int8, torch.float64, torch.int64, torch.int64)))
+
 
 def ngram_tables(tokens: Tensor, vocab: int, min_order: int, max_order: int, min_count: int) -> NgramTables:
     """At each t, from earlier positions only, the highest order whose context was seen min_count times. Context
     ids stay exact and dense; one stable sort per order gives its joint counts and the next order's context counts."""
     n, dev = len(tokens), tokens.device
-    out = NgramTables(*(torch.zeros(n, dtype=d, device=dev)
-                        for d in (torch.int8, torch.float64, torch.int64, torch.int64)))
+    out = NgramTables.empty(n, dev)
     ids, (perm, starts, pc_k) = tokens, group_sort(tokens)  # 1-token contexts ending at each i
     for k in range(1, min(max_order, n)):  # contexts of k tokens: order k + 1 at positions t >= k
         if int(pc_k.max()) + 1 < min_count:  # no context repeats enough; longer ones repeat less
@@ -1634,9 +1638,7 @@ def write_dump(path: str, val: Tensor, res: dict, tables: NgramTables | None) ->
     """Per target t = 1..N-1, for offline study of the mixture: NaN (or the model's nll) where nothing matched."""
     cols, n = res["stream"], len(val)
     nan = torch.full_like(cols["nll"], math.nan)
-    if tables is None:
-        tables = NgramTables(*(torch.zeros(n, dtype=d, device=val.device)
-                               for d in (torch.int8, torch.float64, torch.int64, torch.int64)))
+    tables = NgramTables.empty(n, val.device) if tables is None else tables
     out = {"pos": torch.arange(n), "target": val, "nll_model": cols["nll"], "entropy": cols["entropy"],
            "top_p": cols["top_p"], "order": tables.order.long(), "count": tables.count, "top": tables.top,
            "p_ng": torch.where(tables.order > 0, tables.p, math.nan), "alpha": res.get("alpha", nan),

@@ -791,11 +791,12 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # Export: a budget-fit mixed int5/int6 quantization, deterministic serialization, zstd-22
 
-ARTIFACT_FORMAT = "pgolf-mixed-int-v3"
+ARTIFACT_FORMAT = "pgolf-mixed-int-v4"
 ARTIFACT_ERRORS = (zstandard.ZstdError, ValueError, KeyError, TypeError, AttributeError)
 CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75)
 FP16_ROWS = ("tok_emb.weight",)  # rows may stay fp16: the tied embedding, also the output head
-QMAX_LADDER = (15, 31, 63, 127)  # int5, int6, int7, int8: the codes are stored as int8 whatever the range
+QMAX_LADDER = (15, 31, 63, 127)  # int5, int6, int7, int8
+PAIR_BASE, PAIR_ESCAPE = 15, 255  # two magnitudes below 15 share a byte (225 values); 255: both follow raw
 FIT_MARGIN = 0.0025  # aim this far under the limit; accept up to twice as far
 WEIGHT_GROUPS = (("mlp", ".mlp."), ("attn", ".attn."), ("bigram", "bigram."), ("embed", "tok_emb."))
 
@@ -881,6 +882,15 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: Tensor, u: Tensor, block: int = 1
     return q.to(torch.int8)
 
 
+def entropy_bytes(b: Tensor) -> float:
+    """Order-0 entropy of each byte plane, in bytes: the bound the export line measures the frames against."""
+    total = 0.0
+    for plane in b.contiguous().view(-1).view(torch.uint8).view(-1, b.element_size()).T:
+        counts = torch.bincount(plane.long(), minlength=256).double()
+        total += float((counts * (len(plane) / counts).log2()).nansum()) / 8
+    return total
+
+
 def coded_bytes(b: Tensor) -> float:
     """Bytes of a Huffman code per byte plane, as zstd codes literals: closer to its size than the entropy."""
     bits = 0
@@ -913,7 +923,7 @@ class BudgetFit:
                                "sens": a.clamp_min(1e-3 * float(a.mean()) or 1e-30),  # rows the data never reached
                                "coarse": torch.maximum(fp16_scale(t.abs().amax(1) / 2), fine[qmax])}
         # the fp16 tensors never change: their frames are measured once, outside the estimate
-        self.fixed_bytes = sum(4 + len(zstd_frame(payload(q, None))) for _, _, q, _ in self.fixed.values())
+        self.fixed_bytes = sum(4 + len(zstd_frame(payload(q, None)[1])) for _, _, q, _ in self.fixed.values())
         # log c from "every row wants finer than int8's finest" to "every row at its coarsest"
         rows = self.rows.values()
         self.bounds = ((math.log(min(float((r["fine"][127] * r["sens"].sqrt()).min()) for r in rows)) - 1,
@@ -944,7 +954,7 @@ class BudgetFit:
 
     def estimate(self, c: float) -> float:
         """The int tensors' coded bytes at c, rounded plainly (GPTQ is too slow to bisect with)."""
-        return sum(coded_bytes(q[s[:len(q)] != 0]) + coded_bytes(s)
+        return sum(code_streams(q[s[:len(q)] != 0])[2] + coded_bytes(s)
                    for kind, _, q, s in self.quantize(c, False).values() if kind == "int")
 
     def solve(self, factor: float, target: float) -> tuple[float, float]:
@@ -991,10 +1001,54 @@ class BudgetFit:
                       "sizes": sizes, "quantized": quantized}
 
 
-def payload(q: Tensor, s: Tensor | None) -> list[bytes]:
-    """A tensor's byte streams: its int8 codes, if any, then the low and the high bytes of its fp16 part."""
+def code_layouts(q: Tensor) -> dict[str, list[np.ndarray]]:
+    """The codes as streams, one byte a code ("int") or ("int_pairs") magnitudes two to a byte, then the nonzero codes'
+    signs: zstd's Huffman spends whole bits a symbol, and a pair halves that loss on peaked codes."""
+    codes = q.contiguous().view(-1).numpy()
+    m = np.abs(codes).astype(np.int16)
+    m = np.append(m, np.int16(0)) if len(m) % 2 else m
+    a, b = m[0::2], m[1::2]
+    small = (a < PAIR_BASE) & (b < PAIR_BASE)
+    return {"int": [codes.view(np.uint8)],
+            "int_pairs": [np.where(small, a * PAIR_BASE + b, PAIR_ESCAPE).astype(np.uint8),
+                          np.stack((a[~small], b[~small]), 1).astype(np.uint8).ravel(),
+                          np.packbits(codes[codes != 0] < 0)]}  # signs last: before the rest they cost it ~10%
+
+
+def code_streams(q: Tensor) -> tuple[str, list[np.ndarray], float]:
+    """(layout, streams, coded bytes) of the codes' smaller layout."""
+    layouts = code_layouts(q)
+    sizes = {kind: sum(coded_bytes(torch.from_numpy(x)) for x in streams) for kind, streams in layouts.items()}
+    kind = min(sizes, key=sizes.get)
+    return kind, layouts[kind], sizes[kind]
+
+
+def read_codes(raw: bytes, kind: str, numel: int) -> tuple[np.ndarray | None, int]:
+    """code_streams' inverse: (int8 codes, bytes read); an fp16 tensor has none."""
+    if kind == "fp16":
+        return None, 0
+    if kind == "int":
+        return np.frombuffer(raw, np.int8, numel), numel
+    if kind != "int_pairs":
+        raise ValueError(f"unknown layout {kind!r}")
+    main = np.frombuffer(raw, np.uint8, (numel + 1) // 2).astype(np.int16)
+    escaped = main == PAIR_ESCAPE
+    pos = len(main) + 2 * int(escaped.sum())
+    pairs = np.stack((main // PAIR_BASE, main % PAIR_BASE), 1)
+    pairs[escaped] = np.frombuffer(raw, np.uint8, pos - len(main), len(main)).reshape(-1, 2)
+    m = pairs.ravel()[:numel]
+    nonzero = np.flatnonzero(m)
+    signs = np.unpackbits(np.frombuffer(raw, np.uint8, (len(nonzero) + 7) // 8, pos))[:len(nonzero)]
+    m[nonzero] *= 1 - 2 * signs.astype(np.int16)
+    return m.astype(np.int8), pos + (len(nonzero) + 7) // 8
+
+
+def payload(q: Tensor, s: Tensor | None) -> tuple[str, list[bytes]]:
+    """A tensor's layout and byte streams: its codes (code_streams), if any, then the low and the high bytes of its
+    fp16 part."""
     half = (q if s is None else s).reshape(-1).numpy().view(np.uint8)
-    return ([] if s is None else [q.contiguous().numpy().tobytes()]) + [half[0::2].tobytes(), half[1::2].tobytes()]
+    kind, codes, _ = ("fp16", [], 0) if s is None else code_streams(q)
+    return kind, [c.tobytes() for c in codes] + [half[0::2].tobytes(), half[1::2].tobytes()]
 
 
 def zstd_frame(streams: list[bytes]) -> bytes:
@@ -1015,9 +1069,11 @@ def dequantize(q: Tensor, s: Tensor | None) -> Tensor:
 
 def serialize_artifact(quantized: dict[str, tuple], config: dict) -> bytes:
     """A JSON header, then a zstd frame per tensor, so that the fit's estimate holds tensor by tensor."""
-    entries = [[name, kind, qmax, list(q.shape)] for name, (kind, qmax, q, _) in quantized.items()]
+    payloads = [payload(q, s) for (_, _, q, s) in quantized.values()]
+    entries = [[name, layout, qmax, list(q.shape)]
+               for (name, (_, qmax, q, _)), (layout, _) in zip(quantized.items(), payloads)]
     header = json.dumps({"format": ARTIFACT_FORMAT, "config": config, "tensors": entries}, sort_keys=True).encode()
-    streams = [[header]] + [payload(q, s) for (_, _, q, s) in quantized.values()]
+    streams = [[header]] + [streams for _, streams in payloads]
     with concurrent.futures.ThreadPoolExecutor() as pool:  # zstd releases the GIL; a compressor per frame
         frames = list(pool.map(zstd_frame, streams))
     return b"".join(len(f).to_bytes(4, "little") + f for f in frames)
@@ -1059,13 +1115,13 @@ def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
         state = {}
         for (name, kind, qmax, shape), frame in zip(header["tensors"], frames):
             raw, numel = zstandard.ZstdDecompressor().decompress(frame), math.prod(shape)
-            codes = numel if kind == "int" else 0
-            half = torch.from_numpy(np.frombuffer(raw, np.uint8, offset=codes).reshape(2, -1).T.copy().view(np.float16))
-            q = torch.from_numpy(np.frombuffer(raw, np.int8, codes).copy()).view(shape) if codes else half.view(shape)
-            fp16_rows = int((half[:shape[0]] == 0).sum()) if codes else 0
-            if len(half) != (shape[0] + fp16_rows * shape[1] if codes else numel):
+            codes, pos = read_codes(raw, kind, numel)
+            half = torch.from_numpy(np.frombuffer(raw, np.uint8, offset=pos).reshape(2, -1).T.copy().view(np.float16))
+            q = half.view(shape) if codes is None else torch.from_numpy(codes.copy()).view(shape)
+            fp16_rows = 0 if codes is None else int((half[:shape[0]] == 0).sum())
+            if len(half) != (numel if codes is None else shape[0] + fp16_rows * shape[1]):
                 raise ValueError(f"tensor {name} holds {len(raw)} bytes")
-            state[name] = dequantize(q, half.flatten() if codes else None)
+            state[name] = dequantize(q, None if codes is None else half.flatten())
     except ARTIFACT_ERRORS as e:
         raise UsageError(f"artifact {path} is corrupt ({type(e).__name__}: {e})") from None
     return header["config"], state
@@ -1086,8 +1142,9 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
                 f.write(blob)
             groups, moved = {}, []
             for name, (kind, qmax, q, s) in info["quantized"].items():
-                g = next((g for g, key in WEIGHT_GROUPS if key in name), "other")
-                groups[g] = [a + b for a, b in zip(groups.get(g, (0, 0)), (info["sizes"][name], q.numel()))]
+                g, bound = next((g for g, key in WEIGHT_GROUPS if key in name), "other"), 4 + entropy_bytes(q)
+                bound += 0 if s is None else entropy_bytes(s)
+                groups[g] = [a + b for a, b in zip(groups.get(g, (0, 0, 0)), (info["sizes"][name], q.numel(), bound))]
                 rows = 0 if s is None else (len(s) - len(q)) // q.shape[1]
                 if qmax != quant_levels(name, q) or rows:  # up the ladder, or with fp16 rows
                     moved.append(f"{name}:int{QMAX_LADDER.index(qmax) + 5}" + (f"+fp16_rows:{rows}" if rows else ""))
@@ -1095,7 +1152,8 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
                 f"passes:{info['passes']} c:{info['c']:.4e} gptq:{int(args.export_gptq)} "
                 f"calib_tokens:{stats['tokens'] if stats else 0} "
                 f"export_ms:{1000 * (time.perf_counter() - t0):.0f} bits_per_weight "
-                + " ".join(f"{g}:{8 * b / n:.3f}" for g, (b, n) in sorted(groups.items()))
+                + " ".join(f"{g}:{8 * b / n:.3f}" for g, (b, n, _) in sorted(groups.items())) + " over_entropy "
+                + " ".join(f"{g}:{b / h:.4f}" for g, (b, _, h) in sorted(groups.items()))
                 + f" moved:{','.join(moved) or 'none'}")
         except EvalFailure as e:
             error = f"{e} (ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes} less {code_bytes} bytes of code)"

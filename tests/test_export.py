@@ -372,7 +372,7 @@ def _corrupt_cases(blob: bytes) -> dict:
         "short_payload": replaced(i, _zstd(payload[:-2])),
         "not_json": replaced(0, _zstd(b"\xff\xfe\xfd\xfc")),
         "wrong_format": replaced(0, _zstd(json.dumps(dict(header, format="something-else")).encode())),
-        "previous_format": replaced(0, _zstd(json.dumps(dict(header, format="pgolf-mixed-int-v2")).encode())),
+        "previous_format": replaced(0, _zstd(json.dumps(dict(header, format="pgolf-mixed-int-v3")).encode())),
         "header_not_an_object": replaced(0, _zstd(b"[]")),
     }
 
@@ -387,10 +387,42 @@ def test_deserialize_rejects_corrupt_artifacts(rt_artifact, tmp_path, case):
         T.deserialize_artifact(str(path))
 
 
+@pytest.mark.parametrize("qmax,scale", [(15, 0.3), (15, 4.0), (31, 8.0), (63, 30.0), (127, 100.0)])
+@pytest.mark.parametrize("numel", [1, 2, 777, 4096])
+def test_both_code_layouts_read_back(qmax, scale, numel):
+    """One byte a code and magnitudes two to a byte (with escapes for 15 and more, an odd count padded) read back
+    exactly, stopping at their own end; the layout written is the one of fewer coded bytes."""
+    g = torch.Generator().manual_seed(numel + qmax)
+    q = torch.clamp(torch.round(torch.randn(numel, generator=g) * scale), -qmax, qmax).to(torch.int8).view(1, -1)
+    layouts = T.code_layouts(q)
+    for layout, streams in layouts.items():
+        raw = b"".join(x.tobytes() for x in streams)
+        codes, end = T.read_codes(raw + b"\x00\x01", layout, numel)
+        assert end == len(raw) and np.array_equal(codes, q.flatten().numpy()), layout
+    sizes = {k: sum(T.coded_bytes(torch.from_numpy(x)) for x in v) for k, v in layouts.items()}
+    layout, streams, size = T.code_streams(q)
+    assert size == sizes[layout] == min(sizes.values()) and [x.tobytes() for x in streams] == \
+        [x.tobytes() for x in layouts[layout]]
+
+
+def test_paired_codes_reach_the_entropy():
+    """Peaked int5 codes (gaussian rows, steps twice the finest): one byte a code costs zstd over 1.01 x
+    their order-0 entropy, magnitudes two to a byte with the signs after them under it, and that layout is chosen."""
+    w = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    q = torch.clamp(torch.round(w / (w.abs().amax(1, keepdim=True) / 15 / 0.5)), -15, 15).to(torch.int8)
+    counts = torch.bincount(q.flatten().long() + 15).double()
+    p = counts[counts > 0] / q.numel()
+    entropy_bytes = float(-(p * p.log2()).sum()) * q.numel() / 8
+    layouts = T.code_layouts(q)
+    one_byte, paired = (len(T.zstd_frame([x.tobytes() for x in layouts[k]])) for k in ("int", "int_pairs"))
+    assert paired <= 1.01 * entropy_bytes < one_byte, (paired / entropy_bytes, one_byte / entropy_bytes)
+    assert T.code_streams(q)[0] == "int_pairs"
+
+
 def test_an_artifact_of_the_previous_format_is_named_as_such(rt_artifact, tmp_path):
-    path = tmp_path / "v2.ptz"
+    path = tmp_path / "v3.ptz"
     path.write_bytes(_corrupt_cases(rt_artifact["blob"])["previous_format"])
-    with pytest.raises(T.UsageError, match=f"artifact {re.escape(str(path))} is corrupt .*not a pgolf-mixed-int-v3"):
+    with pytest.raises(T.UsageError, match=f"artifact {re.escape(str(path))} is corrupt .*not a pgolf-mixed-int-v4"):
         T.deserialize_artifact(str(path))
 
 
@@ -497,12 +529,16 @@ def test_serialization_is_deterministic(roundtrip):
     assert raw[0] == json.dumps(header, sort_keys=True).encode()
     assert [e[0] for e in header["tensors"]] == sorted(state) and len(frames) == len(state) + 1
     assert header["config"] == args.model_config()
-    streams = [T.payload(q, s) for (_, _, q, s) in roundtrip["quantized"].values()]
-    assert [T.zstd_frame([raw[0]])] + [T.zstd_frame(b) for b in streams] == frames
-    for (kind, _, q, s), b, r in zip(roundtrip["quantized"].values(), streams, raw[1:]):
+    payloads = [T.payload(q, s) for (_, _, q, s) in roundtrip["quantized"].values()]
+    assert [T.zstd_frame([raw[0]])] + [T.zstd_frame(b) for _, b in payloads] == frames
+    assert [layout for _, layout, *_ in header["tensors"]] == [layout for layout, _ in payloads]
+    for (kind, _, q, s), (layout, b), r in zip(roundtrip["quantized"].values(), payloads, raw[1:]):
         half = (q if kind == "fp16" else s).flatten().numpy().view(np.uint8)
         assert b"".join(b) == r and b[-2:] == [half[0::2].tobytes(), half[1::2].tobytes()]
-        assert kind == "fp16" or b[0] == q.numpy().tobytes()
+        if kind == "int":  # the codes in their smaller layout
+            assert b[:-2] == [x.tobytes() for x in T.code_layouts(q)[layout]] and layout == T.code_streams(q)[0]
+        else:
+            assert layout == "fp16" and len(b) == 2
 
 
 def test_reexport_of_a_loaded_artifact(roundtrip, tmp_path):
@@ -761,15 +797,18 @@ def test_calibration_statistics(corpus):
 def test_trained_run_export_line(trained_run):
     """The export logs what it chose; the tiny model's budget does not bind, so every quantized matrix
     moves up to int8 (the finest steps there are), every row of the embedding stays fp16, and the bytes it
-    reports are the file's."""
+    reports are the file's; per group, the frames over the order-0 entropy of their bytes."""
     m = re.search(r"^export bytes_model:(\d+) predicted:(\d+) limit:(\d+) passes:(\d+) c:(\S+) gptq:1 "
-                  r"calib_tokens:(\d+) export_ms:(\d+) bits_per_weight (.*) moved:(\S+)$", trained_run["stdout"], re.M)
+                  r"calib_tokens:(\d+) export_ms:(\d+) bits_per_weight (.*) over_entropy (.*) moved:(\S+)$",
+                  trained_run["stdout"], re.M)
     assert m, trained_run["stdout"][-3000:]
     assert int(m.group(1)) == os.path.getsize(trained_run["artifact"]) <= int(m.group(3))
     assert int(m.group(6)) == int(TINY["TRAIN_BATCH_TOKENS"])
     groups = dict(kv.split(":") for kv in m.group(8).split())
     assert set(groups) == {"attn", "bigram", "embed", "mlp", "other"} and 0 < float(groups["mlp"]) < 8
-    assert set(m.group(9).split(",")) == {f"blocks.{i}.{p}.weight:int8" for i in range(2) for p in (
+    ratios = {g: float(r) for g, r in (kv.split(":") for kv in m.group(9).split())}
+    assert set(ratios) == set(groups) and all(0.5 < r < 2 for r in ratios.values()), ratios  # bytes over bytes, not bits
+    assert set(m.group(10).split(",")) == {f"blocks.{i}.{p}.weight:int8" for i in range(2) for p in (
         "mlp.fc", "mlp.proj", "attn.c_q", "attn.proj")} | {f"tok_emb.weight:int8+fp16_rows:{TINY['VOCAB_SIZE']}"}
 
 

@@ -48,11 +48,6 @@ def draw(model: train_gpt.GPT, kind: str, seed: int) -> None:
             p.copy_(w / w.pow(2).mean(dim=1, keepdim=True).sqrt() / p.shape[1] ** 0.5)
 
 
-def entropy(b: torch.Tensor) -> float:
-    p = torch.bincount(b.contiguous().view(-1).view(torch.uint8).long(), minlength=256).double() / max(b.numel(), 1)
-    return float(-(p[p > 0] * p[p > 0].log2()).sum()) * b.numel() / 8
-
-
 def by_group(info: dict) -> str:
     """real / estimated / entropy bytes per group: mlp, attn, bigram, embed, other (the export line's groups)."""
     out = {}
@@ -61,9 +56,8 @@ def by_group(info: dict) -> str:
                                        ("embed", "tok_emb.")) if key in name), "other")
         half = q if s is None else s
         codes = q[s[:len(q)] != 0] if s is not None else torch.zeros(0, dtype=torch.int8)
-        planes = half.contiguous().view(-1).view(torch.uint8)
-        row = (info["sizes"][name], 4 + train_gpt.coded_bytes(codes) + train_gpt.coded_bytes(half),
-               4 + entropy(codes) + entropy(planes[0::2]) + entropy(planes[1::2]))
+        row = (info["sizes"][name], 4 + train_gpt.code_streams(codes)[2] + train_gpt.coded_bytes(half),
+               4 + train_gpt.entropy_bytes(q) + (0 if s is None else train_gpt.entropy_bytes(s)))  # as the export line
         out[group] = [a + b for a, b in zip(out.get(group, (0, 0, 0)), row)]
     return " ".join(f"{g}:{r:.0f}/{e:.0f}/{h:.0f}({r / h:.4f})" for g, (r, e, h) in sorted(out.items()))
 

@@ -1118,6 +1118,8 @@ def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
         for (name, kind, qmax, shape), frame in zip(header["tensors"], frames):
             raw, numel = zstandard.ZstdDecompressor().decompress(frame), math.prod(shape)
             codes, pos = read_codes(raw, kind, numel)
+            if codes is not None and numel and int(np.abs(codes.astype(np.int16)).max()) > qmax:
+                raise ValueError(f"tensor {name} has codes beyond +-{qmax}")
             half = torch.from_numpy(np.frombuffer(raw, np.uint8, offset=pos).reshape(2, -1).T.copy().view(np.float16))
             q = half.view(shape) if codes is None else torch.from_numpy(codes.copy()).view(shape)
             fp16_rows = 0 if codes is None else int((half[:shape[0]] == 0).sum())

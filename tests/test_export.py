@@ -348,8 +348,8 @@ def _join(frames: list[bytes]) -> bytes:
 
 
 CORRUPT_CASES = ("empty", "random", "truncated", "last_byte_cut", "zero_length_frame", "missing_tensor_frame",
-                 "trailing_payload", "short_payload", "not_json", "wrong_format", "previous_format",
-                 "header_not_an_object")
+                 "trailing_payload", "short_payload", "code_out_of_range", "unknown_layout", "not_json", "wrong_format",
+                 "previous_format", "header_not_an_object")
 
 
 def _corrupt_cases(blob: bytes) -> dict:
@@ -370,6 +370,9 @@ def _corrupt_cases(blob: bytes) -> dict:
         "missing_tensor_frame": _join(frames[:-1]),
         "trailing_payload": replaced(i, _zstd(payload + b"\0")),
         "short_payload": replaced(i, _zstd(payload[:-2])),
+        "code_out_of_range": replaced(i, _zstd(b"\x80" + payload[1:])),  # -128: beyond any range
+        "unknown_layout": replaced(0, _zstd(json.dumps(dict(header, tensors=[
+            [e[0], "int_triples" if k == i else e[1], *e[2:]] for k, e in enumerate(header["tensors"], 1)])).encode())),
         "not_json": replaced(0, _zstd(b"\xff\xfe\xfd\xfc")),
         "wrong_format": replaced(0, _zstd(json.dumps(dict(header, format="something-else")).encode())),
         "previous_format": replaced(0, _zstd(json.dumps(dict(header, format="pgolf-mixed-int-v3")).encode())),
@@ -383,7 +386,8 @@ def test_deserialize_rejects_corrupt_artifacts(rt_artifact, tmp_path, case):
     cases = _corrupt_cases(rt_artifact["blob"])
     assert set(cases) == set(CORRUPT_CASES)
     path.write_bytes(cases[case])
-    with pytest.raises(T.UsageError, match=re.escape(str(path))):
+    reason = {"code_out_of_range": "has codes beyond", "unknown_layout": "unknown layout 'int_triples'"}.get(case, "")
+    with pytest.raises(T.UsageError, match=re.escape(str(path)) + ".*" + re.escape(reason)):
         T.deserialize_artifact(str(path))
 
 

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import datetime
 import glob
-import heapq
 import json
 import math
 import os
@@ -797,6 +796,9 @@ CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75)
 FP16_ROWS = ("tok_emb.weight",)  # rows may stay fp16: the tied embedding, also the output head
 QMAX_LADDER = (15, 31, 63, 127)  # int5, int6, int7, int8
 PAIR_BASE, PAIR_ESCAPE = 15, 255  # two magnitudes below 15 share a byte (225 values); 255: both follow raw
+TAIL_FROM = 32  # int_tail: codes this large go to a stream of their own, leaving -128 in their place
+ZSTD_EXPORT = zstandard.ZstdCompressionParameters.from_level(22, min_match=7)
+ZSTD_SIZING = zstandard.ZstdCompressionParameters.from_level(1)  # the same literal coder ~100x faster: sizes layouts
 FIT_MARGIN = 0.0025  # aim this far under the limit; accept up to twice as far
 WEIGHT_GROUPS = (("mlp", ".mlp."), ("attn", ".attn."), ("bigram", "bigram."), ("embed", "tok_emb."))
 
@@ -891,19 +893,6 @@ def entropy_bytes(b: Tensor) -> float:
     return total
 
 
-def coded_bytes(b: Tensor) -> float:
-    """Bytes of a Huffman code per byte plane, as zstd codes literals: closer to its size than the entropy."""
-    bits = 0
-    for plane in b.contiguous().view(-1).view(torch.uint8).view(-1, b.element_size()).T:
-        heap = [c for c in torch.bincount(plane.long(), minlength=256).tolist() if c]
-        heapq.heapify(heap)
-        while len(heap) > 1:  # each merge adds a bit to the code of every byte under it
-            merged = heapq.heappop(heap) + heapq.heappop(heap)
-            bits += merged
-            heapq.heappush(heap, merged)
-    return bits / 8
-
-
 class BudgetFit:
     """Every row's step from one trade-off c for the whole artifact (README, budget fit): step = c / sqrt(Fisher
     per weight) within its range; a tensor moves up QMAX_LADDER while most of its rows want finer steps."""
@@ -953,8 +942,9 @@ class BudgetFit:
         return dict(sorted(out.items()))
 
     def estimate(self, c: float) -> float:
-        """The int tensors' coded bytes at c, rounded plainly (GPTQ is too slow to bisect with)."""
-        return sum(code_streams(q[s[:len(q)] != 0])[2] + coded_bytes(s)
+        """The int tensors' frames at c as ZSTD_SIZING writes them, rounded plainly (GPTQ is too slow to bisect
+        with)."""
+        return sum(code_streams(q)[2] + len(zstd_frame(half_planes(s), ZSTD_SIZING))
                    for kind, _, q, s in self.quantize(c, False).values() if kind == "int")
 
     def solve(self, factor: float, target: float) -> tuple[float, float]:
@@ -1002,23 +992,26 @@ class BudgetFit:
 
 
 def code_layouts(q: Tensor) -> dict[str, list[np.ndarray]]:
-    """The codes as streams, one byte a code ("int") or ("int_pairs") magnitudes two to a byte, then the nonzero codes'
-    signs: zstd's Huffman spends whole bits a symbol, and a pair halves that loss on peaked codes."""
+    """The codes as streams: one byte a code ("int"); magnitudes two to a byte, then the nonzero codes' signs
+    ("int_pairs": zstd's Huffman spends whole bits a symbol, a pair halves that loss on peaked codes); or the rare
+    large codes apart ("int_tail": Huffman codes are at most 11 bits, which costs most on long tails)."""
     codes = q.contiguous().view(-1).numpy()
     m = np.abs(codes).astype(np.int16)
     m = np.append(m, np.int16(0)) if len(m) % 2 else m
     a, b = m[0::2], m[1::2]
     small = (a < PAIR_BASE) & (b < PAIR_BASE)
+    tail = np.abs(codes) >= TAIL_FROM
     return {"int": [codes.view(np.uint8)],
             "int_pairs": [np.where(small, a * PAIR_BASE + b, PAIR_ESCAPE).astype(np.uint8),
                           np.stack((a[~small], b[~small]), 1).astype(np.uint8).ravel(),
-                          np.packbits(codes[codes != 0] < 0)]}  # signs last: before the rest they cost it ~10%
+                          np.packbits(codes[codes != 0] < 0)],  # signs last: before the rest they cost it ~10%
+            "int_tail": [np.where(tail, -128, codes).view(np.uint8), codes[tail].view(np.uint8)]}
 
 
-def code_streams(q: Tensor) -> tuple[str, list[np.ndarray], float]:
-    """(layout, streams, coded bytes) of the codes' smaller layout."""
+def code_streams(q: Tensor) -> tuple[str, list[np.ndarray], int]:
+    """(layout, streams, ZSTD_SIZING bytes) of the codes' smallest layout."""
     layouts = code_layouts(q)
-    sizes = {kind: sum(coded_bytes(torch.from_numpy(x)) for x in streams) for kind, streams in layouts.items()}
+    sizes = {kind: len(zstd_frame([x.tobytes() for x in streams], ZSTD_SIZING)) for kind, streams in layouts.items()}
     kind = min(sizes, key=sizes.get)
     return kind, layouts[kind], sizes[kind]
 
@@ -1029,6 +1022,11 @@ def read_codes(raw: bytes, kind: str, numel: int) -> tuple[np.ndarray | None, in
         return None, 0
     if kind == "int":
         return np.frombuffer(raw, np.int8, numel), numel
+    if kind == "int_tail":
+        codes = np.frombuffer(raw, np.int8, numel).copy()
+        tail = codes == -128
+        codes[tail] = np.frombuffer(raw, np.int8, int(tail.sum()), numel)
+        return codes, numel + int(tail.sum())
     if kind != "int_pairs":
         raise ValueError(f"unknown layout {kind!r}")
     main = np.frombuffer(raw, np.uint8, (numel + 1) // 2).astype(np.int16)
@@ -1043,18 +1041,21 @@ def read_codes(raw: bytes, kind: str, numel: int) -> tuple[np.ndarray | None, in
     return m.astype(np.int8), pos + (len(nonzero) + 7) // 8
 
 
+def half_planes(t: Tensor) -> list[bytes]:
+    half = t.reshape(-1).numpy().view(np.uint8)
+    return [half[0::2].tobytes(), half[1::2].tobytes()]
+
+
 def payload(q: Tensor, s: Tensor | None) -> tuple[str, list[bytes]]:
     """A tensor's layout and byte streams: its codes (code_streams), if any, then the low and the high bytes of its
     fp16 part."""
-    half = (q if s is None else s).reshape(-1).numpy().view(np.uint8)
     kind, codes, _ = ("fp16", [], 0) if s is None else code_streams(q)
-    return kind, [c.tobytes() for c in codes] + [half[0::2].tobytes(), half[1::2].tobytes()]
+    return kind, [c.tobytes() for c in codes] + half_planes(q if s is None else s)
 
 
-def zstd_frame(streams: list[bytes]) -> bytes:
-    """One zstd-22 frame, each stream in blocks of its own: streams sharing a block share a Huffman table. Matches
-    of under 7 bytes are off: in codes they are chance repeats that cost more than the literals (~0.1% of the file)."""
-    params = zstandard.ZstdCompressionParameters.from_level(22, min_match=7)
+def zstd_frame(streams: list[bytes], params: zstandard.ZstdCompressionParameters = ZSTD_EXPORT) -> bytes:
+    """One frame, each stream in blocks of its own: streams sharing a block share a Huffman table. ZSTD_EXPORT is
+    level 22 without matches under 7 bytes: in codes they are chance repeats that cost more than the literals."""
     z = zstandard.ZstdCompressor(compression_params=params).compressobj(size=sum(map(len, streams)))
     return b"".join(z.compress(b) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for b in streams) + z.flush()
 

@@ -55,8 +55,9 @@ def by_group(info: dict) -> str:
         group = next((g for g, key in (("mlp", ".mlp."), ("attn", ".attn."), ("bigram", "bigram."),
                                        ("embed", "tok_emb.")) if key in name), "other")
         half = q if s is None else s
-        codes = q[s[:len(q)] != 0] if s is not None else torch.zeros(0, dtype=torch.int8)
-        row = (info["sizes"][name], 4 + train_gpt.code_streams(codes)[2] + train_gpt.coded_bytes(half),
+        codes = 0 if s is None else train_gpt.code_streams(q)[2]  # the fit's estimate (BudgetFit.estimate)
+        fp16 = len(train_gpt.zstd_frame(train_gpt.half_planes(half), train_gpt.ZSTD_SIZING))
+        row = (info["sizes"][name], 4 + codes + fp16,
                4 + train_gpt.entropy_bytes(q) + (0 if s is None else train_gpt.entropy_bytes(s)))  # as the export line
         out[group] = [a + b for a, b in zip(out.get(group, (0, 0, 0)), row)]
     return " ".join(f"{g}:{r:.0f}/{e:.0f}/{h:.0f}({r / h:.4f})" for g, (r, e, h) in sorted(out.items()))

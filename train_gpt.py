@@ -912,7 +912,7 @@ class BudgetFit:
                                "sens": a.clamp_min(1e-3 * float(a.mean()) or 1e-30),  # rows the data never reached
                                "coarse": torch.maximum(fp16_scale(t.abs().amax(1) / 2), fine[qmax])}
         # the fp16 tensors never change: their frames are measured once, outside the estimate
-        self.fixed_bytes = sum(4 + len(zstd_frame(payload(q, None)[1])) for _, _, q, _ in self.fixed.values())
+        self.fixed_bytes = sum(4 + len(zstd_frame(half_planes(q))) for _, _, q, _ in self.fixed.values())
         # log c from "every row wants finer than int8's finest" to "every row at its coarsest"
         rows = self.rows.values()
         self.bounds = ((math.log(min(float((r["fine"][127] * r["sens"].sqrt()).min()) for r in rows)) - 1,
@@ -1147,8 +1147,8 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
                 f.write(blob)
             groups, moved = {}, []
             for name, (kind, qmax, q, s) in info["quantized"].items():
-                g, bound = next((g for g, key in WEIGHT_GROUPS if key in name), "other"), 4 + entropy_bytes(q)
-                bound += 0 if s is None else entropy_bytes(s)
+                g = next((g for g, key in WEIGHT_GROUPS if key in name), "other")
+                bound = 4 + entropy_bytes(q) + (0 if s is None else entropy_bytes(s))
                 groups[g] = [a + b for a, b in zip(groups.get(g, (0, 0, 0)), (info["sizes"][name], q.numel(), bound))]
                 rows = 0 if s is None else (len(s) - len(q)) // q.shape[1]
                 if qmax != quant_levels(name, q) or rows:  # up the ladder, or with fp16 rows

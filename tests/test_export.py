@@ -409,6 +409,25 @@ def test_both_code_layouts_read_back(qmax, scale, numel):
         [x.tobytes() for x in layouts[layout]]
 
 
+@pytest.mark.parametrize("layout", ["int", "int_pairs", "int_tail"])
+def test_an_artifact_reads_back_in_every_layout(layout, monkeypatch, tmp_path):
+    """Whatever layout a tensor's codes take, the artifact reader rebuilds the same weights: codes with escapes and
+    tails, an fp16 row (step 0, its values after the steps) and an fp16 tensor."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.clamp(torch.round(torch.randn(40, 51, generator=g) * 30), -127, 127).to(torch.int8)
+    q[3] = 0  # the fp16 row
+    s = torch.cat((torch.rand(40, generator=g).index_fill(0, torch.tensor([3]), 0.0), torch.randn(51, generator=g)))
+    quantized = {"a.weight": ("int", 127, q, s.half()), "b": ("fp16", 0, torch.randn(7, generator=g).half(), None)}
+    monkeypatch.setattr(T, "code_streams", lambda codes: (layout, T.code_layouts(codes)[layout], 0))
+    path = tmp_path / "a.ptz"
+    path.write_bytes(T.serialize_artifact(quantized, {"k": 1}))
+    config, state = T.deserialize_artifact(str(path))
+    assert config == {"k": 1} and json.loads(zstandard.ZstdDecompressor().decompress(T.split_frames(
+        path.read_bytes())[0]))["tensors"][0][1] == layout
+    assert torch.equal(state["a.weight"], T.dequantize(q, s.half()))
+    assert torch.equal(state["b"], quantized["b"][2].float())
+
+
 def test_paired_codes_reach_the_entropy():
     """Peaked int5 codes (gaussian rows, steps twice the finest): one byte a code costs zstd over 1.01 x
     their order-0 entropy, magnitudes two to a byte with the signs after them under it, and that layout is chosen."""

@@ -52,8 +52,7 @@ def by_group(info: dict) -> str:
     """real / estimated / entropy bytes per group: mlp, attn, bigram, embed, other (the export line's groups)."""
     out = {}
     for name, (kind, _, q, s) in info["quantized"].items():
-        group = next((g for g, key in (("mlp", ".mlp."), ("attn", ".attn."), ("bigram", "bigram."),
-                                       ("embed", "tok_emb.")) if key in name), "other")
+        group = next((g for g, key in train_gpt.WEIGHT_GROUPS if key in name), "other")
         half = q if s is None else s
         codes = 0 if s is None else train_gpt.code_streams(q)[2]  # the fit's estimate (BudgetFit.estimate)
         fp16 = len(train_gpt.zstd_frame(train_gpt.half_planes(half), train_gpt.ZSTD_SIZING))

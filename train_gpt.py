@@ -790,15 +790,15 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # Export: a budget-fit mixed int5/int6 quantization, deterministic serialization, zstd-22
 
-ARTIFACT_FORMAT = "pgolf-mixed-int-v4"
+ARTIFACT_FORMAT = "pgolf-mixed-int-v5"
 ARTIFACT_ERRORS = (zstandard.ZstdError, ValueError, KeyError, TypeError, AttributeError)
 CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75)
 FP16_ROWS = ("tok_emb.weight",)  # rows may stay fp16: the tied embedding, also the output head
 QMAX_LADDER = (15, 31, 63, 127)  # int5, int6, int7, int8
-PAIR_BASE, PAIR_ESCAPE = 15, 255  # two magnitudes below 15 share a byte (225 values); 255: both follow raw
-TAIL_FROM = 32  # int_tail: codes this large go to a stream of their own, leaving -128 in their place
+MAGNITUDE_RADICES = {"mag2": (16, 16), "mag3": (7, 6, 6)}  # a byte holds 2 or 3 magnitudes, each capped below its radix
 ZSTD_EXPORT = zstandard.ZstdCompressionParameters.from_level(22, min_match=7)
-ZSTD_SIZING = zstandard.ZstdCompressionParameters.from_level(1)  # the same literal coder ~100x faster: sizes layouts
+# the fit's estimate: the same literal coder ~10x faster, its match finder kept from chance repeats level 22 declines
+ZSTD_SIZING = zstandard.ZstdCompressionParameters.from_level(1, hash_log=6, min_match=7)
 FIT_MARGIN = 0.0025  # aim this far under the limit; accept up to twice as far
 WEIGHT_GROUPS = (("mlp", ".mlp."), ("attn", ".attn."), ("bigram", "bigram."), ("embed", "tok_emb."))
 
@@ -944,8 +944,8 @@ class BudgetFit:
     def estimate(self, c: float) -> float:
         """The int tensors' frames at c as ZSTD_SIZING writes them, rounded plainly (GPTQ is too slow to bisect
         with)."""
-        return sum(code_streams(q)[2] + len(zstd_frame(half_planes(s), ZSTD_SIZING))
-                   for kind, _, q, s in self.quantize(c, False).values() if kind == "int")
+        return sum(len(tensor_frame(q, s, ZSTD_SIZING)[1]) for kind, _, q, s in self.quantize(c, False).values()
+                   if kind == "int")
 
     def solve(self, factor: float, target: float) -> tuple[float, float]:
         """(log c, estimate) of the finest plan whose fp16 frames plus `factor` x the estimate fit `target`."""
@@ -991,66 +991,47 @@ class BudgetFit:
                       "sizes": sizes, "quantized": quantized}
 
 
-def code_layouts(q: Tensor) -> dict[str, list[np.ndarray]]:
-    """The codes as streams: one byte a code ("int"); magnitudes two to a byte, then the nonzero codes' signs
-    ("int_pairs": zstd's Huffman spends whole bits a symbol, a pair halves that loss on peaked codes); or the rare
-    large codes apart ("int_tail": Huffman codes are at most 11 bits, which costs most on long tails)."""
+def place_values(radices: np.ndarray) -> np.ndarray:
+    return np.cumprod(np.append(radices[1:], 1)[::-1])[::-1]
+
+
+def code_layouts(q: Tensor) -> dict[str, list[bytes]]:
+    """The codes as byte streams: one byte a code ("int"); or magnitudes grouped 2 or 3 to a byte in mixed radix
+    (MAGNITUDE_RADICES: zstd's Huffman spends whole bits a symbol, a group shares that loss); what the caps cut off
+    goes first, counted (level 22 prices a block's literals by the block before), the nonzero codes' signs last."""
     codes = q.contiguous().view(-1).numpy()
-    m = np.abs(codes).astype(np.int16)
-    m = np.append(m, np.int16(0)) if len(m) % 2 else m
-    a, b = m[0::2], m[1::2]
-    small = (a < PAIR_BASE) & (b < PAIR_BASE)
-    tail = np.abs(codes) >= TAIL_FROM
-    return {"int": [codes.view(np.uint8)],
-            "int_pairs": [np.where(small, a * PAIR_BASE + b, PAIR_ESCAPE).astype(np.uint8),
-                          np.stack((a[~small], b[~small]), 1).astype(np.uint8).ravel(),
-                          np.packbits(codes[codes != 0] < 0)],  # signs last: before the rest they cost it ~10%
-            "int_tail": [np.where(tail, -128, codes).view(np.uint8), codes[tail].view(np.uint8)]}
-
-
-def code_streams(q: Tensor) -> tuple[str, list[np.ndarray], int]:
-    """(layout, streams, ZSTD_SIZING bytes) of the codes' smallest layout."""
-    layouts = code_layouts(q)
-    sizes = {kind: len(zstd_frame([x.tobytes() for x in streams], ZSTD_SIZING)) for kind, streams in layouts.items()}
-    kind = min(sizes, key=sizes.get)
-    return kind, layouts[kind], sizes[kind]
+    m, signs = np.abs(codes.astype(np.int16)), np.packbits(codes[codes != 0] < 0).tobytes()
+    layouts = {"int": [codes.tobytes()]}
+    for kind, radices in MAGNITUDE_RADICES.items():
+        caps = np.array(radices) - 1
+        groups = np.append(m, np.zeros(-len(m) % len(radices), np.int16)).reshape(-1, len(radices))
+        over = (groups - caps)[groups >= caps].astype(np.uint8)
+        symbols = np.minimum(groups, caps) @ place_values(np.array(radices))
+        layouts[kind] = [len(over).to_bytes(4, "little") + over.tobytes(), symbols.astype(np.uint8).tobytes(), signs]
+    return layouts
 
 
 def read_codes(raw: bytes, kind: str, numel: int) -> tuple[np.ndarray | None, int]:
-    """code_streams' inverse: (int8 codes, bytes read); an fp16 tensor has none."""
-    if kind == "fp16":
-        return None, 0
-    if kind == "int":
-        return np.frombuffer(raw, np.int8, numel), numel
-    if kind == "int_tail":
-        codes = np.frombuffer(raw, np.int8, numel).copy()
-        tail = codes == -128
-        codes[tail] = np.frombuffer(raw, np.int8, int(tail.sum()), numel)
-        return codes, numel + int(tail.sum())
-    if kind != "int_pairs":
+    """code_layouts' inverse: (codes, bytes read); an fp16 tensor has none."""
+    if kind in ("fp16", "int"):
+        return (None, 0) if kind == "fp16" else (np.frombuffer(raw, np.int8, numel), numel)
+    if kind not in MAGNITUDE_RADICES:
         raise ValueError(f"unknown layout {kind!r}")
-    main = np.frombuffer(raw, np.uint8, (numel + 1) // 2).astype(np.int16)
-    escaped = main == PAIR_ESCAPE
-    pos = len(main) + 2 * int(escaped.sum())
-    pairs = np.stack((main // PAIR_BASE, main % PAIR_BASE), 1)
-    pairs[escaped] = np.frombuffer(raw, np.uint8, pos - len(main), len(main)).reshape(-1, 2)
-    m = pairs.ravel()[:numel]
-    nonzero = np.flatnonzero(m)
+    radices = np.array(MAGNITUDE_RADICES[kind])
+    n_over, n_groups = int.from_bytes(raw[:4], "little"), -(-numel // len(radices))
+    symbols = np.frombuffer(raw, np.uint8, n_groups, 4 + n_over).astype(np.int16)
+    if n_groups and symbols.max() >= radices.prod():
+        raise ValueError(f"a {kind} symbol beyond {radices.prod() - 1}")
+    low = symbols[:, None] // place_values(radices) % radices
+    at_cap = low == radices - 1
+    if int(at_cap.sum()) != n_over:
+        raise ValueError(f"{n_over} magnitudes over the caps, {int(at_cap.sum())} at them")
+    low[at_cap] += np.frombuffer(raw, np.uint8, n_over, 4)
+    m = low.ravel()[:numel]
+    nonzero, pos = np.flatnonzero(m), 4 + n_over + n_groups
     signs = np.unpackbits(np.frombuffer(raw, np.uint8, (len(nonzero) + 7) // 8, pos))[:len(nonzero)]
-    m[nonzero] *= 1 - 2 * signs.astype(np.int16)
-    return m.astype(np.int8), pos + (len(nonzero) + 7) // 8
-
-
-def half_planes(t: Tensor) -> list[bytes]:
-    half = t.reshape(-1).numpy().view(np.uint8)
-    return [half[0::2].tobytes(), half[1::2].tobytes()]
-
-
-def payload(q: Tensor, s: Tensor | None) -> tuple[str, list[bytes]]:
-    """A tensor's layout and byte streams: its codes (code_streams), if any, then the low and the high bytes of its
-    fp16 part."""
-    kind, codes, _ = ("fp16", [], 0) if s is None else code_streams(q)
-    return kind, [c.tobytes() for c in codes] + half_planes(q if s is None else s)
+    m[nonzero] *= 1 - 2 * signs.astype(np.int64)
+    return m, pos + (len(nonzero) + 7) // 8
 
 
 def zstd_frame(streams: list[bytes], params: zstandard.ZstdCompressionParameters = ZSTD_EXPORT) -> bytes:
@@ -1058,6 +1039,22 @@ def zstd_frame(streams: list[bytes], params: zstandard.ZstdCompressionParameters
     level 22 without matches under 7 bytes: in codes they are chance repeats that cost more than the literals."""
     z = zstandard.ZstdCompressor(compression_params=params).compressobj(size=sum(map(len, streams)))
     return b"".join(z.compress(b) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for b in streams) + z.flush()
+
+
+def half_planes(t: Tensor) -> list[bytes]:
+    half = t.reshape(-1).numpy().view(np.uint8)
+    return [half[0::2].tobytes(), half[1::2].tobytes()]
+
+
+def tensor_frame(q: Tensor, s: Tensor | None, params: zstandard.ZstdCompressionParameters = ZSTD_EXPORT
+                 ) -> tuple[str, bytes]:
+    """(layout, frame) of a tensor: its codes in the layout whose frame is smallest, if it has codes, then the low
+    and the high bytes of its fp16 part."""
+    if s is None:
+        return "fp16", zstd_frame(half_planes(q), params)
+    frames = {kind: zstd_frame(streams + half_planes(s), params) for kind, streams in code_layouts(q).items()}
+    kind = min(frames, key=lambda k: len(frames[k]))
+    return kind, frames[kind]
 
 
 def dequantize(q: Tensor, s: Tensor | None) -> Tensor:
@@ -1072,13 +1069,12 @@ def dequantize(q: Tensor, s: Tensor | None) -> Tensor:
 
 def serialize_artifact(quantized: dict[str, tuple], config: dict) -> bytes:
     """A JSON header, then a zstd frame per tensor, so that the fit's estimate holds tensor by tensor."""
-    payloads = [payload(q, s) for (_, _, q, s) in quantized.values()]
-    entries = [[name, layout, qmax, list(q.shape)]
-               for (name, (_, qmax, q, _)), (layout, _) in zip(quantized.items(), payloads)]
-    header = json.dumps({"format": ARTIFACT_FORMAT, "config": config, "tensors": entries}, sort_keys=True).encode()
-    streams = [[header]] + [streams for _, streams in payloads]
     with concurrent.futures.ThreadPoolExecutor() as pool:  # zstd releases the GIL; a compressor per frame
-        frames = list(pool.map(zstd_frame, streams))
+        framed = list(pool.map(lambda t: tensor_frame(t[2], t[3]), quantized.values()))
+    entries = [[name, layout, qmax, list(q.shape)]
+               for (name, (_, qmax, q, _)), (layout, _) in zip(quantized.items(), framed)]
+    header = json.dumps({"format": ARTIFACT_FORMAT, "config": config, "tensors": entries}, sort_keys=True).encode()
+    frames = [zstd_frame([header])] + [f for _, f in framed]
     return b"".join(len(f).to_bytes(4, "little") + f for f in frames)
 
 
@@ -1119,10 +1115,10 @@ def deserialize_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
         for (name, kind, qmax, shape), frame in zip(header["tensors"], frames):
             raw, numel = zstandard.ZstdDecompressor().decompress(frame), math.prod(shape)
             codes, pos = read_codes(raw, kind, numel)
-            if codes is not None and numel and int(np.abs(codes.astype(np.int16)).max()) > qmax:
+            if codes is not None and numel and int(np.abs(codes.astype(np.int64)).max()) > qmax:
                 raise ValueError(f"tensor {name} has codes beyond +-{qmax}")
             half = torch.from_numpy(np.frombuffer(raw, np.uint8, offset=pos).reshape(2, -1).T.copy().view(np.float16))
-            q = half.view(shape) if codes is None else torch.from_numpy(codes.copy()).view(shape)
+            q = half.view(shape) if codes is None else torch.from_numpy(codes.astype(np.int8)).view(shape)
             fp16_rows = 0 if codes is None else int((half[:shape[0]] == 0).sum())
             if len(half) != (numel if codes is None else shape[0] + fp16_rows * shape[1]):
                 raise ValueError(f"tensor {name} holds {len(raw)} bytes")

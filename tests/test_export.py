@@ -375,7 +375,7 @@ def _corrupt_cases(blob: bytes) -> dict:
             [e[0], "int_triples" if k == i else e[1], *e[2:]] for k, e in enumerate(header["tensors"], 1)])).encode())),
         "not_json": replaced(0, _zstd(b"\xff\xfe\xfd\xfc")),
         "wrong_format": replaced(0, _zstd(json.dumps(dict(header, format="something-else")).encode())),
-        "previous_format": replaced(0, _zstd(json.dumps(dict(header, format="pgolf-mixed-int-v3")).encode())),
+        "previous_format": replaced(0, _zstd(json.dumps(dict(header, format="pgolf-mixed-int-v4")).encode())),
         "header_not_an_object": replaced(0, _zstd(b"[]")),
     }
 
@@ -392,60 +392,87 @@ def test_deserialize_rejects_corrupt_artifacts(rt_artifact, tmp_path, case):
 
 
 @pytest.mark.parametrize("qmax,scale", [(15, 0.3), (15, 4.0), (31, 8.0), (63, 30.0), (127, 100.0)])
-@pytest.mark.parametrize("numel", [1, 2, 777, 4096])
-def test_both_code_layouts_read_back(qmax, scale, numel):
-    """One byte a code, magnitudes two to a byte (with escapes for 15 and more, an odd count padded) and large codes
-    apart read back exactly, stopping at their own end; the layout written is the one ZSTD_SIZING makes smallest."""
+@pytest.mark.parametrize("numel", [1, 2, 4, 777, 4096])
+def test_every_code_layout_reads_back(qmax, scale, numel):
+    """One byte a code, and magnitudes grouped two and three to a byte (at and over their caps, a last group padded)
+    read back exactly, stopping at their own end; a tensor's frame is that of its smallest layout."""
     g = torch.Generator().manual_seed(numel + qmax)
     q = torch.clamp(torch.round(torch.randn(numel, generator=g) * scale), -qmax, qmax).to(torch.int8).view(1, -1)
     layouts = T.code_layouts(q)
+    assert list(layouts) == ["int", *T.MAGNITUDE_RADICES]
     for layout, streams in layouts.items():
-        raw = b"".join(x.tobytes() for x in streams)
+        raw = b"".join(streams)
         codes, end = T.read_codes(raw + b"\x00\x01", layout, numel)
         assert end == len(raw) and np.array_equal(codes, q.flatten().numpy()), layout
-    sizes = {k: len(T.zstd_frame([x.tobytes() for x in v], T.ZSTD_SIZING)) for k, v in layouts.items()}
-    layout, streams, size = T.code_streams(q)
-    assert size == sizes[layout] == min(sizes.values()) and [x.tobytes() for x in streams] == \
-        [x.tobytes() for x in layouts[layout]]
+    s = torch.rand(1, generator=g).half()
+    frames = {k: T.zstd_frame(v + T.half_planes(s), T.ZSTD_SIZING) for k, v in layouts.items()}
+    layout, frame = T.tensor_frame(q, s, T.ZSTD_SIZING)
+    assert frame == frames[layout] and len(frame) == min(map(len, frames.values()))
 
 
-@pytest.mark.parametrize("layout", ["int", "int_pairs", "int_tail"])
-def test_an_artifact_reads_back_in_every_layout(layout, monkeypatch, tmp_path):
-    """Whatever layout a tensor's codes take, the artifact reader rebuilds the same weights: codes with escapes and
-    tails, an fp16 row (step 0, its values after the steps) and an fp16 tensor."""
+def _forced_layout_artifact(layout, monkeypatch, tmp_path):
     g = torch.Generator().manual_seed(7)
     q = torch.clamp(torch.round(torch.randn(40, 51, generator=g) * 30), -127, 127).to(torch.int8)
     q[3] = 0  # the fp16 row
     s = torch.cat((torch.rand(40, generator=g).index_fill(0, torch.tensor([3]), 0.0), torch.randn(51, generator=g)))
     quantized = {"a.weight": ("int", 127, q, s.half()), "b": ("fp16", 0, torch.randn(7, generator=g).half(), None)}
-    monkeypatch.setattr(T, "code_streams", lambda codes: (layout, T.code_layouts(codes)[layout], 0))
+    layouts = T.code_layouts
+    monkeypatch.setattr(T, "code_layouts", lambda codes: {layout: layouts(codes)[layout]})
     path = tmp_path / "a.ptz"
     path.write_bytes(T.serialize_artifact(quantized, {"k": 1}))
+    return path, quantized
+
+
+@pytest.mark.parametrize("layout", ["int", *T.MAGNITUDE_RADICES])
+def test_an_artifact_reads_back_in_every_layout(layout, monkeypatch, tmp_path):
+    """Whatever layout a tensor's codes take, the artifact reader rebuilds the same weights: codes over the caps, an
+    fp16 row (step 0, its values after the steps) and an fp16 tensor."""
+    path, quantized = _forced_layout_artifact(layout, monkeypatch, tmp_path)
     config, state = T.deserialize_artifact(str(path))
     assert config == {"k": 1} and json.loads(zstandard.ZstdDecompressor().decompress(T.split_frames(
         path.read_bytes())[0]))["tensors"][0][1] == layout
-    assert torch.equal(state["a.weight"], T.dequantize(q, s.half()))
+    assert torch.equal(state["a.weight"], T.dequantize(*quantized["a.weight"][2:]))
     assert torch.equal(state["b"], quantized["b"][2].float())
 
 
-def test_paired_codes_reach_the_entropy():
-    """Peaked int5 codes (gaussian rows, steps twice the finest): one byte a code costs zstd over 1.01 x
-    their order-0 entropy, magnitudes two to a byte with the signs after them under it, and that layout is chosen."""
+@pytest.mark.parametrize("case,reason", [("symbol", "a mag3 symbol beyond 251"), ("count", "magnitudes over the caps"),
+                                         ("over", "has codes beyond")])
+def test_corrupt_grouped_codes_are_named(case, reason, monkeypatch, tmp_path):
+    """A symbol no group of radices 7, 6, 6 makes, a wrong count of magnitudes over the caps, and a magnitude
+    beyond the tensor's range each make the artifact corrupt."""
+    path, _ = _forced_layout_artifact("mag3", monkeypatch, tmp_path)
+    frames = T.split_frames(path.read_bytes())
+    raw = bytearray(zstandard.ZstdDecompressor().decompress(frames[1]))
+    n_over = int.from_bytes(raw[:4], "little")
+    if case == "symbol":
+        raw[4 + n_over] = 255
+    elif case == "count":
+        raw[:4] = (n_over - 1).to_bytes(4, "little")
+    else:
+        raw[4] = 200  # the first magnitude over a cap: 200 more than 6 or 5
+    path.write_bytes(_join([frames[0], _zstd(bytes(raw)), frames[2]]))
+    with pytest.raises(T.UsageError, match=f"artifact {re.escape(str(path))} is corrupt .*{reason}"):
+        T.deserialize_artifact(str(path))
+
+
+@pytest.mark.parametrize("qmax,ratio", [(15, 2.0), (31, 4.0)])
+def test_grouped_magnitudes_reach_the_entropy(qmax, ratio):
+    """Peaked codes (gaussian 512 x 512, steps `ratio` x the finest: ~3.3 bits a code, as the fit puts the int5 and int6
+    matrices at the cap): one byte a code costs zstd over 1.01 x their order-0 entropy, the layout chosen under it."""
     w = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
-    q = torch.clamp(torch.round(w / (w.abs().amax(1, keepdim=True) / 15 / 0.5)), -15, 15).to(torch.int8)
-    counts = torch.bincount(q.flatten().long() + 15).double()
+    q = torch.clamp(torch.round(w / (w.abs().amax(1, keepdim=True) / qmax * ratio)), -qmax, qmax).to(torch.int8)
+    counts = torch.bincount(q.flatten().long() + qmax).double()
     p = counts[counts > 0] / q.numel()
     entropy_bytes = float(-(p * p.log2()).sum()) * q.numel() / 8
-    layouts = T.code_layouts(q)
-    one_byte, paired = (len(T.zstd_frame([x.tobytes() for x in layouts[k]])) for k in ("int", "int_pairs"))
-    assert paired <= 1.01 * entropy_bytes < one_byte, (paired / entropy_bytes, one_byte / entropy_bytes)
-    assert T.code_streams(q)[0] == "int_pairs"
+    sizes = {k: len(T.zstd_frame(v)) for k, v in T.code_layouts(q).items()}
+    layout, frame = T.tensor_frame(q, torch.ones(512).half())
+    assert sizes[layout] <= 1.01 * entropy_bytes < sizes["int"], {k: v / entropy_bytes for k, v in sizes.items()}
 
 
 def test_an_artifact_of_the_previous_format_is_named_as_such(rt_artifact, tmp_path):
     path = tmp_path / "v3.ptz"
     path.write_bytes(_corrupt_cases(rt_artifact["blob"])["previous_format"])
-    with pytest.raises(T.UsageError, match=f"artifact {re.escape(str(path))} is corrupt .*not a pgolf-mixed-int-v4"):
+    with pytest.raises(T.UsageError, match=f"artifact {re.escape(str(path))} is corrupt .*not a pgolf-mixed-int-v5"):
         T.deserialize_artifact(str(path))
 
 
@@ -552,16 +579,13 @@ def test_serialization_is_deterministic(roundtrip):
     assert raw[0] == json.dumps(header, sort_keys=True).encode()
     assert [e[0] for e in header["tensors"]] == sorted(state) and len(frames) == len(state) + 1
     assert header["config"] == args.model_config()
-    payloads = [T.payload(q, s) for (_, _, q, s) in roundtrip["quantized"].values()]
-    assert [T.zstd_frame([raw[0]])] + [T.zstd_frame(b) for _, b in payloads] == frames
-    assert [layout for _, layout, *_ in header["tensors"]] == [layout for layout, _ in payloads]
-    for (kind, _, q, s), (layout, b), r in zip(roundtrip["quantized"].values(), payloads, raw[1:]):
+    framed = [T.tensor_frame(q, s) for (_, _, q, s) in roundtrip["quantized"].values()]
+    assert [T.zstd_frame([raw[0]])] + [f for _, f in framed] == frames
+    assert [layout for _, layout, *_ in header["tensors"]] == [layout for layout, _ in framed]
+    for (kind, _, q, s), (layout, _), r in zip(roundtrip["quantized"].values(), framed, raw[1:]):
         half = (q if kind == "fp16" else s).flatten().numpy().view(np.uint8)
-        assert b"".join(b) == r and b[-2:] == [half[0::2].tobytes(), half[1::2].tobytes()]
-        if kind == "int":  # the codes in their smaller layout
-            assert b[:-2] == [x.tobytes() for x in T.code_layouts(q)[layout]] and layout == T.code_streams(q)[0]
-        else:
-            assert layout == "fp16" and len(b) == 2
+        codes = [] if kind == "fp16" else T.code_layouts(q)[layout]  # the layout whose frame is smallest
+        assert r == b"".join(codes) + half[0::2].tobytes() + half[1::2].tobytes() and (layout == "fp16") == (not codes)
 
 
 def test_reexport_of_a_loaded_artifact(roundtrip, tmp_path):
@@ -783,7 +807,8 @@ def test_gptq_lowers_the_output_error_at_the_same_steps():
         return float(torch.einsum("ij,jk,ik->", d, gram, d))
 
     assert output_err(gptq) < 0.8 * output_err(plain)
-    assert T.code_streams(gptq)[2] < 1.05 * T.code_streams(plain)[2]
+    steps = s.half()
+    assert len(T.tensor_frame(gptq, steps)[1]) < 1.05 * len(T.tensor_frame(plain, steps)[1])
 
 
 def test_calibration_statistics(corpus):

@@ -13,8 +13,8 @@ Vectors, scalars and the embedding keep their init values (the embedding N(0, 0.
 calibration statistics come from one 2048-token sequence of random tokens (what it costs is real; the
 Fisher of random text is not that of FineWeb). For each draw it prints the finest plan's size (every
 tensor int8 at its clip-search step, the embedding fp16; what the export would write with no cap) and the
-fitted artifact, then per group of tensors: the frames' real bytes, the fit's estimate of them (Huffman-coded
-bytes, BudgetFit.estimate) and the order-0 entropy of the same streams (codes, low and high bytes of the fp16 part).
+fitted artifact, then per group of tensors: the frames' real bytes, the fit's estimate of them (zstd level-1
+frames, BudgetFit.estimate) and the order-0 entropy of the same streams (codes, low and high bytes of the fp16 part).
 """
 from __future__ import annotations
 
@@ -53,10 +53,9 @@ def by_group(info: dict) -> str:
     out = {}
     for name, (kind, _, q, s) in info["quantized"].items():
         group = next((g for g, key in train_gpt.WEIGHT_GROUPS if key in name), "other")
-        half = q if s is None else s
-        codes = 0 if s is None else train_gpt.code_streams(q)[2]  # the fit's estimate (BudgetFit.estimate)
-        fp16 = len(train_gpt.zstd_frame(train_gpt.half_planes(half), train_gpt.ZSTD_SIZING))
-        row = (info["sizes"][name], 4 + codes + fp16,
+        # the fit's estimate of an int tensor (BudgetFit.estimate, before the rescale); fp16 tensors are measured
+        estimate = info["sizes"][name] if s is None else 4 + len(train_gpt.tensor_frame(q, s, train_gpt.ZSTD_SIZING)[1])
+        row = (info["sizes"][name], estimate,
                4 + train_gpt.entropy_bytes(q) + (0 if s is None else train_gpt.entropy_bytes(s)))  # as the export line
         out[group] = [a + b for a, b in zip(out.get(group, (0, 0, 0)), row)]
     return " ".join(f"{g}:{r:.0f}/{e:.0f}/{h:.0f}({r / h:.4f})" for g, (r, e, h) in sorted(out.items()))

@@ -44,6 +44,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-rev", required=True, help="git revision whose train_gpt.py holds the export before")
     ap.add_argument("--cap-fraction", type=float, default=0.68, help="the cap, as a fraction of the finest plan")
+    ap.add_argument("--nearby", type=int, default=1,
+                    help="caps per row, 0.2%% apart around it: the penalty of nearly equal plans scatters by more than "
+                         "a small change moves it, so each row also reports the mean")
     a = ap.parse_args()
     args = T.Hyperparameters()
     rt = T.Runtime(args.device)
@@ -81,14 +84,21 @@ def main() -> None:
     fit = old.BudgetFit(state, stats["calib"])
     finest = len(old.serialize_artifact(fit.quantize(math.exp(fit.bounds[0]), False), config))
     cap = int(a.cap_fraction * finest)
-    print("export  cap   bytes_model  penalty_bpb  export_s  passes", flush=True)
+    print("export  cap     bytes_model  penalty_bpb  export_s  passes", flush=True)
     for frac in (1.0, 0.9, 0.75):
         for label, module in (("before", old), ("after", T)):
-            t0 = time.perf_counter()
-            blob, info = module.BudgetFit(state, stats["calib"]).fit(int(cap * frac), config, args.export_gptq)
-            secs = time.perf_counter() - t0
-            penalty = score(loaded(module, blob)) - pre
-            print(f"{label:<7} {frac:4.2f}  {len(blob):11d}  {penalty:+.5f}  {secs:8.1f}  {info['passes']:6d}", flush=True)
+            penalties = []
+            for j in range(a.nearby):
+                f = frac * (1 + 0.002 * (j - (a.nearby - 1) / 2))
+                t0 = time.perf_counter()
+                blob, info = module.BudgetFit(state, stats["calib"]).fit(int(cap * f), config, args.export_gptq)
+                secs = time.perf_counter() - t0
+                penalties.append(score(loaded(module, blob)) - pre)
+                print(f"{label:<7} {f:6.4f}  {len(blob):11d}  {penalties[-1]:+.5f}  {secs:8.1f}  {info['passes']:6d}",
+                      flush=True)
+            if a.nearby > 1:
+                print(f"{label:<7} {frac:4.2f} mean of {a.nearby}: {sum(penalties) / a.nearby:+.5f} "
+                      f"(min {min(penalties):+.5f}, max {max(penalties):+.5f})", flush=True)
     print(f"cap = {a.cap_fraction:g} x the baseline's finest plan ({finest} bytes) = {cap} bytes; penalty = roundtrip "
           f"- prequant bpb (prequant {pre:.5f}); before: train_gpt.py at {a.baseline_rev}", flush=True)
 

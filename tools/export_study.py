@@ -84,7 +84,8 @@ def main() -> None:
     fit = old.BudgetFit(state, stats["calib"])
     finest = len(old.serialize_artifact(fit.quantize(math.exp(fit.bounds[0]), False), config))
     cap = int(a.cap_fraction * finest)
-    print("export  cap     bytes_model  penalty_bpb  export_s  passes", flush=True)
+    print("export  cap     bytes_model  penalty_bpb  export_s  passes  c (the plan's step scale: smaller is finer)",
+          flush=True)
     for frac in (1.0, 0.9, 0.75):
         for label, module in (("before", old), ("after", T)):
             penalties = []
@@ -94,8 +95,8 @@ def main() -> None:
                 blob, info = module.BudgetFit(state, stats["calib"]).fit(int(cap * f), config, args.export_gptq)
                 secs = time.perf_counter() - t0
                 penalties.append(score(loaded(module, blob)) - pre)
-                print(f"{label:<7} {f:6.4f}  {len(blob):11d}  {penalties[-1]:+.5f}  {secs:8.1f}  {info['passes']:6d}",
-                      flush=True)
+                print(f"{label:<7} {f:6.4f}  {len(blob):11d}  {penalties[-1]:+.5f}  {secs:8.1f}  {info['passes']:6d}  "
+                      f"{info['c']:.5e}", flush=True)
             if a.nearby > 1:
                 print(f"{label:<7} {frac:4.2f} mean of {a.nearby}: {sum(penalties) / a.nearby:+.5f} "
                       f"(min {min(penalties):+.5f}, max {max(penalties):+.5f})", flush=True)

@@ -1052,7 +1052,8 @@ def tensor_frame(q: Tensor, s: Tensor | None, params: zstandard.ZstdCompressionP
     and the high bytes of its fp16 part."""
     if s is None:
         return "fp16", zstd_frame(half_planes(q), params)
-    frames = {kind: zstd_frame(streams + half_planes(s), params) for kind, streams in code_layouts(q).items()}
+    planes = half_planes(s)
+    frames = {kind: zstd_frame(streams + planes, params) for kind, streams in code_layouts(q).items()}
     kind = min(frames, key=lambda k: len(frames[k]))
     return kind, frames[kind]
 

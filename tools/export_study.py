@@ -3,11 +3,16 @@ trained model under the budget-fit export of train_gpt.py at --baseline-rev (bef
 at a cap and at 90% and 75% of it.
 
     python tools/export_study.py --baseline-rev ce89a1f     # model, data and training time from the env
+    python tools/export_study.py --baseline-rev ce89a1f --fractions 0.9 --nearby 9 --model runs/m.pt  # reuse a model
 
 It trains the model the environment configures exactly as train_gpt.py does (warm-up, wall-clock budget, EMA,
 calibration), scores the trained weights with a plain pass over the validation split (final_prequant), then for
 every cap and export writes the artifact (Fisher steps + GPTQ, the default), rebuilds the weights from it with the
-same revision's reader and scores them the same way. The penalty is roundtrip - prequant in bits per byte. The cap
+same revision's reader and scores them the same way. The penalty is roundtrip - prequant in bits per byte. Its
+first-order part (the loss gradient times the rounding errors) has a chance sign that nearly equal plans share, and
+on a briefly trained model it is as large as the effect of a few percent finer steps; so each plan is also scored
+with every rounding error reversed (w - (w_rt - w)) and even_bpb = (roundtrip + mirrored) / 2 - prequant, where that
+part cancels and the curvature term that finer steps shrink remains. The cap
 is --cap-fraction of the baseline's finest plan (every tensor at its finest steps): 0.68 by default, the ratio of
 the 16 MB limit to the full-size model's finest plan (tools/estimate_artifact.py), so the cap binds as it does there.
 """
@@ -40,13 +45,28 @@ def baseline_module(rev: str):
     return module
 
 
+def trained(args, rt, log) -> tuple[dict, dict]:
+    """The model the environment configures, trained exactly as train_gpt.py trains it: (weights, train stats)."""
+    torch.manual_seed(args.seed)
+    model = T.GPT(args).to(rt.device)
+    print(f"model_params:{sum(p.numel() for p in model.parameters())}", flush=True)
+    trainer = T.Trainer(args, rt, model, T.BatchLoader(T.find_shards(args.data_path, "train"), args, rt), log)
+    trainer.warmup()
+    stats = trainer.train()
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, stats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-rev", required=True, help="git revision whose train_gpt.py holds the export before")
     ap.add_argument("--cap-fraction", type=float, default=0.68, help="the cap, as a fraction of the finest plan")
     ap.add_argument("--nearby", type=int, default=1,
-                    help="caps per row, 0.2%% apart around it: the penalty of nearly equal plans scatters by more than "
-                         "a small change moves it, so each row also reports the mean")
+                    help="caps per row, --spacing apart around it: the penalty of nearly equal plans scatters by more "
+                         "than a small change moves it, so each row also reports the mean and its standard error")
+    ap.add_argument("--spacing", type=float, default=0.002, help="relative distance of neighbouring caps in a row")
+    ap.add_argument("--fractions", default="1.0,0.9,0.75", help="the rows: caps as fractions of --cap-fraction's")
+    ap.add_argument("--model", help="a file holding the trained weights and calibration: read if it exists, else "
+                                    "written after training, so one model can serve several studies")
     a = ap.parse_args()
     args = T.Hyperparameters()
     rt = T.Runtime(args.device)
@@ -58,12 +78,14 @@ def main() -> None:
         if console and not msg.startswith("hparam"):
             print(msg, flush=True)
 
-    torch.manual_seed(args.seed)
-    model = T.GPT(args).to(rt.device)
-    print(f"model_params:{sum(p.numel() for p in model.parameters())} val_tokens:{len(val)}", flush=True)
-    trainer = T.Trainer(args, rt, model, T.BatchLoader(T.find_shards(args.data_path, "train"), args, rt), log)
-    trainer.warmup()
-    stats = trainer.train()
+    if a.model and os.path.exists(a.model):
+        state, stats = torch.load(a.model)
+        print(f"model: {a.model} ({stats['steps']} steps) val_tokens:{len(val)}", flush=True)
+    else:
+        state, stats = trained(args, rt, log)
+        print(f"val_tokens:{len(val)}", flush=True)
+        if a.model:
+            torch.save((state, stats), a.model)
 
     def score(state) -> float:
         m = T.GPT(args).to(rt.device)
@@ -77,29 +99,39 @@ def main() -> None:
             f.flush()
             return module.deserialize_artifact(f.name)[1]
 
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     pre = score(state)
     print(f"prequant_bpb:{pre:.5f} steps:{stats['steps']}", flush=True)
     old, config = baseline_module(a.baseline_rev), args.model_config()
     fit = old.BudgetFit(state, stats["calib"])
     finest = len(old.serialize_artifact(fit.quantize(math.exp(fit.bounds[0]), False), config))
     cap = int(a.cap_fraction * finest)
-    print("export  cap     bytes_model  penalty_bpb  export_s  passes  c (the plan's step scale: smaller is finer)",
-          flush=True)
-    for frac in (1.0, 0.9, 0.75):
+    def mirrored(back: dict) -> dict:  # every weight's rounding error reversed: w - (w_rt - w)
+        return {k: 2 * state[k].float() - v.float() if v.is_floating_point() else v for k, v in back.items()}
+
+    def summary(label: str, frac: float, name: str, xs: list[float]) -> None:
+        mean = sum(xs) / len(xs)
+        sem = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+        print(f"{label:<7} {frac:4.2f} {name} mean of {len(xs)}: {mean:+.5f} (standard error {sem:.5f}, "
+              f"min {min(xs):+.5f}, max {max(xs):+.5f})", flush=True)
+
+    print("export  cap     bytes_model  penalty_bpb  even_bpb  export_s  passes  c (the plan's step scale: smaller is "
+          "finer)", flush=True)
+    for frac in map(float, a.fractions.split(",")):
         for label, module in (("before", old), ("after", T)):
-            penalties = []
+            penalties, evens = [], []
             for j in range(a.nearby):
-                f = frac * (1 + 0.002 * (j - (a.nearby - 1) / 2))
+                f = frac * (1 + a.spacing * (j - (a.nearby - 1) / 2))
                 t0 = time.perf_counter()
                 blob, info = module.BudgetFit(state, stats["calib"]).fit(int(cap * f), config, args.export_gptq)
                 secs = time.perf_counter() - t0
-                penalties.append(score(loaded(module, blob)) - pre)
-                print(f"{label:<7} {f:6.4f}  {len(blob):11d}  {penalties[-1]:+.5f}  {secs:8.1f}  {info['passes']:6d}  "
-                      f"{info['c']:.5e}", flush=True)
+                back = loaded(module, blob)
+                penalties.append(score(back) - pre)
+                evens.append((penalties[-1] + score(mirrored(back)) - pre) / 2)
+                print(f"{label:<7} {f:6.4f}  {len(blob):11d}  {penalties[-1]:+.5f}  {evens[-1]:+.5f}  {secs:8.1f}  "
+                      f"{info['passes']:6d}  {info['c']:.5e}", flush=True)
             if a.nearby > 1:
-                print(f"{label:<7} {frac:4.2f} mean of {a.nearby}: {sum(penalties) / a.nearby:+.5f} "
-                      f"(min {min(penalties):+.5f}, max {max(penalties):+.5f})", flush=True)
+                summary(label, frac, "penalty", penalties)
+                summary(label, frac, "even", evens)
     print(f"cap = {a.cap_fraction:g} x the baseline's finest plan ({finest} bytes) = {cap} bytes; penalty = roundtrip "
           f"- prequant bpb (prequant {pre:.5f}); before: train_gpt.py at {a.baseline_rev}", flush=True)
 

@@ -4,6 +4,7 @@ at a cap and at 90% and 75% of it.
 
     python tools/export_study.py --baseline-rev ce89a1f     # model, data and training time from the env
     python tools/export_study.py --baseline-rev ce89a1f --fractions 0.9 --nearby 9 --model runs/m.pt  # reuse a model
+    python tools/export_study.py --pool seed1.out seed2.out ...   # the row means of several runs' outputs, pooled
 
 It trains the model the environment configures exactly as train_gpt.py does (warm-up, wall-clock budget, EMA,
 calibration), scores the trained weights with a plain pass over the validation split (final_prequant), then for
@@ -22,6 +23,8 @@ import argparse
 import importlib.util
 import math
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,7 +59,26 @@ def trained(args, rt, log) -> tuple[dict, dict]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, stats
 
 
+def pool(paths: list[str]) -> None:
+    """Each row's means from several studies' outputs (one model each), and after - before per model: the
+    first-order part's chance sign differs from model to model, so only several models show what a change is worth."""
+    rows = {}
+    for path in paths:
+        for label, frac, kind, mean in re.findall(r"^(before|after)\s+([\d.]+) (penalty|even) mean of \d+: ([+-][\d.]+)",
+                                                  open(path).read(), re.M):
+            rows.setdefault((frac, kind), {}).setdefault(label, []).append(float(mean))
+    print(f"{len(paths)} models: {' '.join(paths)}")
+    for (frac, kind), d in rows.items():
+        diffs = [x - y for x, y in zip(d["after"], d["before"])]
+        sem = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        print(f"{frac} {kind:<7} before {statistics.mean(d['before']):+.5f}  after {statistics.mean(d['after']):+.5f}  "
+              f"after - before per model: {' '.join(f'{x:+.5f}' for x in diffs)}  mean {statistics.mean(diffs):+.5f} "
+              f"(standard error {sem:.5f})")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--pool"]:
+        return pool(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-rev", required=True, help="git revision whose train_gpt.py holds the export before")
     ap.add_argument("--cap-fraction", type=float, default=0.68, help="the cap, as a fraction of the finest plan")

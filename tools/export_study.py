@@ -127,13 +127,13 @@ def main() -> None:
     fit = old.BudgetFit(state, stats["calib"])
     finest = len(old.serialize_artifact(fit.quantize(math.exp(fit.bounds[0]), False), config))
     cap = int(a.cap_fraction * finest)
+
     def mirrored(back: dict) -> dict:  # every weight's rounding error reversed: w - (w_rt - w)
         return {k: 2 * state[k].float() - v.float() if v.is_floating_point() else v for k, v in back.items()}
 
     def summary(label: str, frac: float, name: str, xs: list[float]) -> None:
-        mean = sum(xs) / len(xs)
-        sem = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-        print(f"{label:<7} {frac:4.2f} {name} mean of {len(xs)}: {mean:+.5f} (standard error {sem:.5f}, "
+        sem = statistics.stdev(xs) / math.sqrt(len(xs))
+        print(f"{label:<7} {frac:4.2f} {name} mean of {len(xs)}: {statistics.mean(xs):+.5f} (standard error {sem:.5f}, "
               f"min {min(xs):+.5f}, max {max(xs):+.5f})", flush=True)
 
     print("export  cap     bytes_model  penalty_bpb  even_bpb  export_s  passes  c (the plan's step scale: smaller is "

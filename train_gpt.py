@@ -992,6 +992,7 @@ class BudgetFit:
 
 
 def place_values(radices: np.ndarray) -> np.ndarray:
+    """Each digit's weight in a mixed-radix number: (36, 6, 1) for radices (7, 6, 6)."""
     return np.cumprod(np.append(radices[1:], 1)[::-1])[::-1]
 
 

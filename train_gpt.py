@@ -42,22 +42,26 @@ class EvalFailure(Exception):
     """The run finished but a result must not be trusted (over the byte cap, incomplete, failed audit)."""
 
 
-KIND_NAMES = {int: "an integer", float: "a number", bool: "0 or 1"}
+KIND_NAMES = {int: "an integer", float: "a number", bool: "0 or 1", list: "comma-separated integers"}
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def env(name: str, default, kind=int, lo=None, hi=None):
-    """One knob: kind int, float, bool, str or a tuple of allowed words; anything unparsable or outside
-    [lo, hi] is a UsageError naming the variable, the value and what is allowed."""
-    raw = os.environ.get(name, "").strip()
-    if not raw or kind is str:
-        return raw or default
+    """One knob: kind int, float, bool, str, list (of integers; set empty: none) or a tuple of allowed words;
+    anything unparsable or outside [lo, hi] is a UsageError naming the variable, the value and what is allowed."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip() and kind is not list:
+        return default
+    raw = raw.strip()
+    if kind is str:
+        return raw
     if isinstance(kind, tuple):
         if raw not in kind:
             raise UsageError(f"{name}={raw!r} is invalid: expected {', '.join(kind[:-1])} or {kind[-1]}")
         return raw
     try:
-        value = BOOLS[raw.lower()] if kind is bool else kind(raw)
+        value = BOOLS[raw.lower()] if kind is bool else [int(x) for x in raw.split(",") if raw] if kind is list \
+            else kind(raw)
     except (KeyError, ValueError):
         raise UsageError(f"{name}={raw!r} is invalid: expected {KIND_NAMES[kind]}") from None
     if kind is float and not math.isfinite(value):
@@ -70,13 +74,19 @@ def env(name: str, default, kind=int, lo=None, hi=None):
 
 # Every knob: (attribute, default, kind, lo, hi); its environment variable is the attribute in upper case.
 # The model's shape (defaults: the record's, ~24.7M parameters): stored in the artifact, so EVAL_ONLY needs no more.
+# None: set from NUM_LAYERS (LAYER_DEFAULTS), so that any depth runs the record's code paths.
 MODEL_KNOBS = (
     ("vocab_size", 1024, int, 2, 65536), ("num_layers", 10, int, 1), ("model_dim", 512, int, 8),
     ("num_heads", 8, int, 1), ("num_kv_heads", 4, int, 1), ("mlp_mult", 3.0, float, 0.25, 64),
-    ("rope_dims", 16, int, 2), ("rope_base", 10000.0, float, 1.0), ("xsa_last_n", 4, int, 0),
+    ("rope_dims", 16, int, 2), ("rope_base", 10000.0, float, 1.0), ("xsa_last_n", None, int, 0),
     ("bigram_vocab_size", 4096, int, 0), ("bigram_dim", 128, int, 1), ("smear_gate", True, bool),
     ("value_residual", True, bool), ("ln_scale", True, bool), ("logit_softcap", 30.0, float, 1.0),
+    ("parallel_start_layer", None, int, 0), ("recur_layers", None, list), ("recur_untied_mlp", False, bool),
 )
+LAYER_DEFAULTS = {  # the records' levers (README): XSA everywhere, the last third parallel, the middle two repeated
+    "xsa_last_n": lambda n: n, "parallel_start_layer": lambda n: round(2 * n / 3),
+    "recur_layers": lambda n: list(range(max(0, n // 2 - 1), min(n, n // 2 + 1))),
+}
 MODEL_KEYS = tuple(name for name, *_ in MODEL_KNOBS)
 KNOBS = (
     # data, run, devices
@@ -85,7 +95,7 @@ KNOBS = (
     ("run_id", "", str), ("log_dir", "logs", str), ("seed", 1337, int, 0), ("device", "auto", ("auto", "cpu", "cuda")),
     ("compile", None, bool),  # None: on for CUDA, off for CPU
     # model
-    *MODEL_KNOBS, ("qk_gain_init", 1.5, float, 0.0),
+    *MODEL_KNOBS, ("qk_gain_init", 5.0, float, 0.0), ("recur_start_frac", 0.44, float, 0.0, 1.0),
     # training
     ("train_seq_len", 2048, int, 2), ("train_batch_tokens", 786_432, int, 1), ("iterations", 20_000, int, 0),
     ("max_wallclock_seconds", 600.0, float, 0.0), ("warmup_steps", 20, int, 0), ("warmdown_iters", 3500, int, 0),
@@ -93,13 +103,14 @@ KNOBS = (
     ("matrix_lr", 0.03, float, 0.0), ("scalar_lr", 0.02, float, 0.0), ("tied_embed_lr", 0.03, float, 0.0),
     ("muon_wd", 0.04, float, 0.0), ("adam_wd", 0.04, float, 0.0), ("muon_momentum", 0.99, float, 0.0, 1.0),
     ("muon_momentum_warmup_start", 0.92, float, 0.0, 1.0), ("muon_momentum_warmup_steps", 1500, int, 0),
-    ("grad_clip_norm", 0.3, float, 0.0), ("ema_decay", 0.997, float, 0.0, 1.0), ("train_log_every", 100, int, 1),
+    ("muon_row_normalize", True, bool), ("grad_clip_norm", 0.3, float, 0.0), ("ema_decay", 0.997, float, 0.0, 1.0),
+    ("train_log_every", 100, int, 1),
     # export
     ("artifact_path", "final_model.ptz", str), ("artifact_limit_bytes", 16_000_000, int, 1),
     ("export_gptq", True, bool), ("eval_only", False, bool),
     # evaluation
     ("eval_seq_len", 2048, int, 1), ("eval_stride", 64, int, 1), ("eval_batch_seqs", 32, int, 1),
-    ("eval_budget_seconds", 600.0, float, 0.0), ("eval_dump_path", "", str), ("ngram", True, bool),
+    ("eval_budget_seconds", 600.0, float, 0.0), ("ngram", True, bool),
     ("ngram_min_order", 2, int, 2), ("ngram_max_order", 7, int, 2, 32), ("ngram_min_count", 2, int, 1),
     ("ngram_ent_base", 0.05, float, 0.0, 1.0), ("ngram_ent_range", 0.55, float, 0.0, 1.0),
     ("ngram_ent_scale", 2.0, float), ("ngram_ent_thresh", 4.0, float), ("ngram_mixer", "learned", ("learned", "fixed")),
@@ -123,12 +134,15 @@ class Hyperparameters:
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
         self.grad_accum_steps = self.grad_accum_steps or max(1, 8 // world_size)
         self.world_size = world_size
+        for name, default in LAYER_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default(self.num_layers))
         if self.eval_only:  # the artifact carries the model's shape: adopt it before checking shapes
             self.apply_model_config(read_artifact(self.artifact_path)[0]["config"])
         self.check()
 
     def check(self) -> None:
-        head_dim, width = self.model_dim // self.num_heads, self.mlp_mult * self.model_dim
+        head_dim, width, recur = self.model_dim // self.num_heads, self.mlp_mult * self.model_dim, self.recur_layers
         micro = self.world_size * self.grad_accum_steps * self.train_seq_len
         rules = (  # (broken, message): the first broken one is reported
             (self.model_dim % self.num_heads, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}"),
@@ -138,6 +152,11 @@ class Hyperparameters:
              f"ROPE_DIMS={self.rope_dims} is invalid: must be even and <= head dim {head_dim}"),
             (self.xsa_last_n > self.num_layers,
              f"XSA_LAST_N={self.xsa_last_n} is invalid: must be <= NUM_LAYERS={self.num_layers}"),
+            (recur and recur != list(range(recur[0], recur[0] + len(recur))) or not {*recur} <= {*range(self.num_layers)},
+             f"RECUR_LAYERS={','.join(map(str, recur))} is invalid: must be consecutive ascending layers in "
+             f"[0, {self.num_layers - 1}] (empty: off)"),
+            (recur and self.warmup_steps == 1 and not self.eval_only,
+             "WARMUP_STEPS=1 is invalid with RECUR_LAYERS: both graphs need a warm-up step (use 0 or >= 2)"),
             (self.bigram_vocab_size == 1,
              "BIGRAM_VOCAB_SIZE=1 is invalid: use 0 (off) or >= 2 (one bucket is reserved)"),
             (abs(width - round(width)) > 1e-9,
@@ -162,8 +181,9 @@ class Hyperparameters:
             if broken:
                 raise UsageError(message)
 
-    def model_config(self) -> dict:
-        return {k: getattr(self, k) for k in MODEL_KEYS}
+    def model_config(self, layer_order: list[int] | None = None) -> dict:
+        """The shape, and the order the layers ran in (GPT.layer_order)."""
+        return {**{k: getattr(self, k) for k in MODEL_KEYS}, "layer_order": layer_order or list(range(self.num_layers))}
 
     def apply_model_config(self, config: dict) -> None:
         """Adopt an artifact's shape; an env var that says otherwise is an error, not a silent override."""
@@ -172,7 +192,7 @@ class Hyperparameters:
                 raise UsageError(f"artifact {self.artifact_path} is corrupt: its config lacks {key}")
             if type(config[key]) is not type(getattr(self, key)):
                 raise UsageError(f"artifact {self.artifact_path} is corrupt: {key}={config[key]!r} has the wrong type")
-            if os.environ.get(key.upper(), "").strip() and getattr(self, key) != config[key]:
+            if key.upper() in os.environ and getattr(self, key) != config[key]:
                 raise UsageError(f"{key.upper()}={getattr(self, key)} contradicts the artifact, which was built with "
                                  f"{key.upper()}={config[key]}")
             setattr(self, key, config[key])
@@ -244,6 +264,7 @@ class Logger:
 # Data: shards, tokenizer, byte accounting
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 1024  # header: 256 int32, of which 3 are used
+BOS_ID = 1  # every document starts with it
 
 
 def shard_tokens(path: str) -> np.ndarray:
@@ -382,18 +403,11 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    def __init__(self, dims: int, base: float):
-        super().__init__()
-        self.dims = dims
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / dims),
-                             persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:  # x: [B, H, T, head_dim]
-        freqs = torch.outer(torch.arange(x.size(2), device=x.device, dtype=torch.float32), self.inv_freq)
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        x1, x2, rest = x[..., :self.dims // 2], x[..., self.dims // 2:self.dims], x[..., self.dims:]
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of the first 2 x cos.size(-1) head dims of x [B, H, T, head_dim] (partial RoPE)."""
+    d, cos, sin = cos.size(-1), cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2, rest = x[..., :d], x[..., d:2 * d], x[..., 2 * d:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 class Attention(nn.Module):
@@ -406,17 +420,19 @@ class Attention(nn.Module):
         self.c_v = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.proj.zero_init = True
-        self.q_gain = nn.Parameter(torch.full((self.heads,), args.qk_gain_init))
-        self.rotary = Rotary(args.rope_dims, args.rope_base)
+        dims = torch.arange(0, args.rope_dims, 2, dtype=torch.float32)
+        self.register_buffer("inv_freq", args.rope_base ** (-dims / args.rope_dims), persistent=False)
         self.xsa = xsa
 
-    def forward(self, x: Tensor, v0: Tensor | None, vr_lambda: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, v0: Tensor | None, vr_lambda: Tensor | None, q_gain: Tensor) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
         q, k, v = (c(x).view(B, T, -1, self.head_dim).transpose(1, 2) for c in (self.c_q, self.c_k, self.c_v))
         if vr_lambda is not None:  # value residual: mix in layer 0's values
             v = vr_lambda[0] * v0 + vr_lambda[1] * v
-        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, :, None, None]
-        k = self.rotary(rms_norm(k))
+        freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = freqs.cos(), freqs.sin()
+        q = rotary(rms_norm(q), cos, sin) * q_gain.to(q.dtype)[None, :, None, None]
+        k = rotary(rms_norm(k), cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         if self.xsa:  # remove from each head's output its component along the token's own value
             y = y.unflatten(1, (self.kv_heads, self.heads // self.kv_heads))  # query heads by KV group
@@ -437,22 +453,34 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Attention and MLP matrices, shared by the passes (2 in a RECUR_LAYERS layer), and each pass's own scalars and
+    norm scale. From PARALLEL_START_LAYER on, attention and MLP both read the block's input (GPT-J)."""
+
     def __init__(self, args: Hyperparameters, layer: int):
         super().__init__()
-        dim = args.model_dim
+        dim, recur = args.model_dim, args.recur_layers
+        passes = 1 + (layer in recur)
         self.attn = Attention(args, xsa=layer >= args.num_layers - args.xsa_last_n)
         self.mlp = MLP(dim, round(args.mlp_mult * dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.attn_scale = nn.Parameter(torch.ones(dim))
-        self.mlp_scale = nn.Parameter(torch.ones(dim))
-        self.norm_scale = 1.0 / math.sqrt(layer + 1) if args.ln_scale else 1.0
+        self.repeat = nn.ModuleDict({"mlp": MLP(dim, self.mlp.fc.out_features)}) if (
+            passes > 1 and args.recur_untied_mlp) else None
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(passes, dim), torch.zeros(passes, dim)), dim=1))
+        self.attn_scale, self.mlp_scale = (nn.Parameter(torch.ones(passes, dim)) for _ in range(2))
+        self.q_gain = nn.Parameter(torch.full((passes, args.num_heads), args.qk_gain_init))
+        # value residual: layers >= 1 (and their repeats) mix in layer 0's values
+        self.vr_lambda = nn.Parameter(torch.full((passes, 2), 0.5)) if args.value_residual and layer else None
+        # a pass's depth: its layer's, or a repeat's place in the order that runs
+        depth = (layer, layer + len(recur))[:passes]
+        self.norm_scale = [1.0 / math.sqrt(d + 1) if args.ln_scale else 1.0 for d in depth]
+        self.parallel = layer >= args.parallel_start_layer
 
-    def forward(self, x, x0, v0, vr_lambda):
-        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        a, v = self.attn(rms_norm(x) * self.norm_scale, v0, vr_lambda)
-        x = x + self.attn_scale * a
-        x = x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
-        return x, v
+    def forward(self, x, x0, v0, p: int):
+        x = self.resid_mix[p, 0] * x + self.resid_mix[p, 1] * x0
+        s, vr = self.norm_scale[p], None if self.vr_lambda is None else self.vr_lambda[p]
+        a, v = self.attn(rms_norm(x) * s, v0, vr, self.q_gain[p])
+        y = x + self.attn_scale[p] * a
+        mlp = self.mlp if p == 0 or self.repeat is None else self.repeat["mlp"]
+        return y + self.mlp_scale[p] * mlp(rms_norm(x if self.parallel else y) * s), v
 
 
 class BigramHash(nn.Module):
@@ -475,17 +503,13 @@ class BigramHash(nn.Module):
 class SmearGate(nn.Module):
     """x_t <- (1-g) x_t + g x_{t-1}; g = 0 at a BOS and at the first position: nothing leaks across documents."""
 
-    def __init__(self, dim: int, bos_id: int):
+    def __init__(self, dim: int):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(dim))
-        self.bos_id = bos_id
 
     def forward(self, x: Tensor, idx: Tensor) -> Tensor:
-        g = torch.sigmoid(self.w).to(x.dtype) * (idx[:, 1:] != self.bos_id).unsqueeze(-1).to(x.dtype)
+        g = torch.sigmoid(self.w).to(x.dtype) * (idx[:, 1:] != BOS_ID).unsqueeze(-1).to(x.dtype)
         return torch.cat((x[:, :1], (1 - g) * x[:, 1:] + g * x[:, :-1]), dim=1)
-
-
-BOS_ID = 1
 
 
 class GPT(nn.Module):
@@ -495,11 +519,14 @@ class GPT(nn.Module):
         self.softcap = args.logit_softcap
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, dim) if args.bigram_vocab_size else None
-        self.smear = SmearGate(dim, BOS_ID) if args.smear_gate else None
+        self.smear = SmearGate(dim) if args.smear_gate else None
         self.blocks = nn.ModuleList(Block(args, i) for i in range(n))
         self.n_enc = n // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, n - self.n_enc), dim))
-        self.vr_lambda = nn.Parameter(torch.full((n - 1, 2), 0.5)) if args.value_residual and n > 1 else None
+        # (layer, pass) in the order they run: with the repeat on, the RECUR_LAYERS again after the last of them
+        first, r = [(i, 0) for i in range(n)], args.recur_layers
+        self.orders = {False: first, True: first[:r[-1] + 1] + [(i, 1) for i in r] + first[r[-1] + 1:] if r else first}
+        self.recur_on = False  # switched on once in training: two graphs, both compiled in warm-up
         nn.init.normal_(self.tok_emb.weight, std=0.005)
         for m in self.modules():  # matrices orthogonal, the output projections zero: every block starts as the identity
             if isinstance(m, nn.Linear) and getattr(m, "zero_init", False):
@@ -515,14 +542,17 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, idx)
         x0, v0, skips = x, None, []
-        for i, block in enumerate(self.blocks):
-            if i >= self.n_enc and skips:
+        for i, p in self.orders[self.recur_on]:  # U-Net skips by layer: a repeat neither pushes nor pops
+            if i >= self.n_enc and skips and not p:
                 x = x + self.skip_weights[i - self.n_enc] * skips.pop()
-            x, v = block(x, x0, v0, self.vr_lambda[i - 1] if self.vr_lambda is not None and i > 0 else None)
-            v0 = v if i == 0 else v0
-            if i < self.n_enc:
+            x, v = self.blocks[i](x, x0, v0, p)
+            v0 = v if v0 is None else v0
+            if i < self.n_enc and not p:
                 skips.append(x)
         return rms_norm(x)
+
+    def layer_order(self, recur_on: bool | None = None) -> list[int]:
+        return [i for i, _ in self.orders[self.recur_on if recur_on is None else recur_on]]
 
     def logits(self, h: Tensor, dtype: torch.dtype = torch.float32, delta: Tensor | None = None) -> Tensor:
         """In float64 for the eval (outside autocast), so that a row's distribution does not depend on its batch."""
@@ -562,10 +592,12 @@ def newton_schulz(g: Tensor, dtype: torch.dtype) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update, one batch per shape: each rank orthogonalizes an equal slice of it and
-    all-gathers the rest while the next shape computes."""
+    all-gathers the rest while the next shape computes. row_normalize (MuonEq-R): each row of the Nesterov update
+    at unit norm before Newton-Schulz. Matrices without a gradient (an untied repeat before the switch) are left."""
 
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float):
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float, row_normalize: bool = False):
         super().__init__(list(params), {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+        self.row_normalize = row_normalize
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         cuda = self.param_groups[0]["params"][0].is_cuda
         self.ns = torch.compile(newton_schulz, dynamic=False) if cuda else newton_schulz
@@ -575,7 +607,7 @@ class Muon(torch.optim.Optimizer):
     def step(self) -> None:
         for group in self.param_groups:
             lr, wd, mom, shapes, gathers = group["lr"], group["weight_decay"], group["momentum"], {}, []
-            for p in group["params"]:
+            for p in (p for p in group["params"] if p.grad is not None):
                 shapes.setdefault(p.shape, []).append(p)
                 if not self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
@@ -586,6 +618,8 @@ class Muon(torch.optim.Optimizer):
                 x = torch.zeros(per, *params[0].shape, device=params[0].device)  # this rank's slice, zero-padded
                 for j, i in enumerate(range(self.rank * per, min(len(params), (self.rank + 1) * per))):
                     x[j] = grads[i].lerp(bufs[i], mom)
+                if self.row_normalize:
+                    x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-7)
                 x = self.ns(x, self.ns_dtype).contiguous()  # NCCL gathers dense tensors only (tall ones come as .mT)
                 out = x if self.world == 1 else x.new_empty(per * self.world, *x.shape[1:])
                 handle = dist.all_gather_into_tensor(out, x, async_op=True) if self.world > 1 else None
@@ -600,7 +634,8 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
     g = param_groups(model)
-    muon = Muon(g["muon"], lr=args.matrix_lr, weight_decay=args.muon_wd, momentum=args.muon_momentum_warmup_start)
+    muon = Muon(g["muon"], lr=args.matrix_lr, weight_decay=args.muon_wd, momentum=args.muon_momentum_warmup_start,
+                row_normalize=args.muon_row_normalize)
     adam = torch.optim.AdamW([{"params": g["embed"], "lr": args.tied_embed_lr, "weight_decay": args.adam_wd},
                               {"params": g["scalar"], "lr": args.scalar_lr, "weight_decay": 0.0}],
                              betas=(0.9, 0.95), eps=1e-8, fused=g["embed"][0].is_cuda)
@@ -670,8 +705,8 @@ class Trainer:
         self.optimizers, self.params = build_optimizers(model, args), list(model.parameters())
         use_compile = rt.is_cuda if args.compile is None else args.compile
         fwd = torch.compile(model, fullgraph=True) if use_compile else model
-        self.fwd = (DDP(fwd, device_ids=[rt.local_rank] if rt.is_cuda else None, broadcast_buffers=False)
-                    if rt.world_size > 1 else fwd)
+        self.fwd = (DDP(fwd, device_ids=[rt.local_rank] if rt.is_cuda else None, broadcast_buffers=False,
+                        find_unused_parameters=args.recur_untied_mlp) if rt.world_size > 1 else fwd)  # unused until on
         self.clock, self.budget_ms, self.calib_ms = Timeline(rt.is_cuda), 1000 * args.max_wallclock_seconds, 0.0
         # stop flags are device constants; flags reach the host in two pinned buffers, used in turn: nothing blocks
         self.late_flags = torch.tensor([0.0, 1.0], device=rt.device)
@@ -711,24 +746,28 @@ class Trainer:
         return loss, marks
 
     def warmup(self) -> None:
-        """Compile, warm up and time the export's calibration (for the stop rule) on real steps, then undo it all."""
-        if not self.args.warmup_steps and not self.budget_ms:
+        """Compile and warm up (the second half with the repeat on: both graphs compiled) and time the export's
+        calibration (for the stop rule) on real steps, then undo it all."""
+        W, recur = self.args.warmup_steps, bool(self.args.recur_layers)
+        if not W and not self.budget_ms:
             return
         saved = [(obj, copy.deepcopy(obj.state_dict())) for obj in (self.model, *self.optimizers)]
         stream, t0 = self.loader.stream.state(), time.perf_counter()
-        for i in range(self.args.warmup_steps):
+        for i in range(W):
+            self.model.recur_on = recur and i >= W // 2
             self.step(i, 1.0)
         self.rt.sync()
         warm_ms, t0 = 1000 * (time.perf_counter() - t0), time.perf_counter()
-        if self.budget_ms:
+        if self.budget_ms:  # as at the end of training: with the repeat
+            self.model.recur_on = recur
             calibrate(self.model, self.loader.next_step(), self.rt, math.inf)
             self.calib_ms = 1000 * (time.perf_counter() - t0)
         for obj, state in saved:
             obj.load_state_dict(state)
+        self.model.recur_on = False
         self.loader.stream.restore(stream)
         self.loader.ahead = None
-        self.log(f"warmup_steps:{self.args.warmup_steps} warmup_ms:{warm_ms:.0f} "
-                 f"calibration_ms:{self.calib_ms:.0f} (undone)")
+        self.log(f"warmup_steps:{W} warmup_ms:{warm_ms:.0f} calibration_ms:{self.calib_ms:.0f} (undone)")
 
     def train(self) -> dict:
         """The steps, then the EMA weights, calibrated on the next training batch inside the budget."""
@@ -754,6 +793,10 @@ class Trainer:
         while True:
             launched = None
             if step < args.iterations and not stop:
+                share = max(step / args.iterations, self.clock.done_ms / self.budget_ms if self.budget_ms else 0.0)
+                if args.recur_layers and not self.model.recur_on and share >= args.recur_start_frac:
+                    self.model.recur_on = True  # the stop rule's spare step covers the slower steps in flight (README)
+                    self.log(f"recurrence:on step:{step} train_time_ms:{self.clock.done_ms:.0f}")
                 mult = lr_multiplier(args, step, self.clock.done_ms)
                 local_loss, marks = self.step(step, mult)
                 decay = min(args.ema_decay, (1 + step) / (10 + step))  # warms up: no init weights in short runs
@@ -782,15 +825,14 @@ class Trainer:
             (fb, opt), step_ms = (x / step for x in self.clock.phases), now_ms / step
             self.log(f"step:{step}/{self.args.iterations} train_loss:{loss / self.rt.world_size:.4f} "
                      f"lr_mult:{mult:.4f} step_ms:{step_ms:.2f} fwd_bwd_ms:{fb:.2f} opt_ms:{opt:.2f} "
-                     f"other_ms:{step_ms - fb - opt:.2f} tok_s:{1000 * self.args.train_batch_tokens / step_ms:.0f} "
-                     f"train_time_ms:{now_ms:.0f}")
+                     f"other_ms:{step_ms - fb - opt:.2f} train_time_ms:{now_ms:.0f}")
         return stop > 0
 
 
 # ----------------------------------------------------------------------------------------------
 # Export: a budget-fit mixed int5/int6 quantization, deterministic serialization, zstd-22
 
-ARTIFACT_FORMAT = "pgolf-mixed-int-v5"
+ARTIFACT_FORMAT = "pgolf-mixed-int-v6"
 ARTIFACT_ERRORS = (zstandard.ZstdError, ValueError, KeyError, TypeError, AttributeError)
 CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75)
 FP16_ROWS = ("tok_emb.weight",)  # rows may stay fp16: the tied embedding, also the output head
@@ -882,15 +924,6 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: Tensor, u: Tensor, block: int = 1
             w[..., c + 1:j] -= err[..., c - i, None] * u[:, None, c, c + 1:j]
         w[..., j:] -= err @ u[:, i:j, j:]
     return q.to(torch.int8)
-
-
-def entropy_bytes(b: Tensor) -> float:
-    """Order-0 entropy of each byte plane, in bytes: the bound the export line measures the frames against."""
-    total = 0.0
-    for plane in b.contiguous().view(-1).view(torch.uint8).view(-1, b.element_size()).T:
-        counts = torch.bincount(plane.long(), minlength=256).double()
-        total += float((counts * (len(plane) / counts).log2()).nansum()) / 8
-    return total
 
 
 class BudgetFit:
@@ -1140,14 +1173,14 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
         code_bytes = os.path.getsize(os.path.abspath(__file__))
         try:
             limit = args.artifact_limit_bytes - code_bytes
-            blob, info = BudgetFit(model.state_dict(), stats).fit(limit, args.model_config(), args.export_gptq)
+            config = args.model_config(model.layer_order())
+            blob, info = BudgetFit(model.state_dict(), stats).fit(limit, config, args.export_gptq)
             with open(args.artifact_path, "wb") as f:
                 f.write(blob)
             groups, moved = {}, []
             for name, (kind, qmax, q, s) in info["quantized"].items():
                 g = next((g for g, key in WEIGHT_GROUPS if key in name), "other")
-                bound = 4 + entropy_bytes(q) + (0 if s is None else entropy_bytes(s))
-                groups[g] = [a + b for a, b in zip(groups.get(g, (0, 0, 0)), (info["sizes"][name], q.numel(), bound))]
+                groups[g] = [a + b for a, b in zip(groups.get(g, (0, 0)), (info["sizes"][name], q.numel()))]
                 rows = 0 if s is None else (len(s) - len(q)) // q.shape[1]
                 if qmax != quant_levels(name, q) or rows:  # up the ladder, or with fp16 rows
                     moved.append(f"{name}:int{QMAX_LADDER.index(qmax) + 5}" + (f"+fp16_rows:{rows}" if rows else ""))
@@ -1155,8 +1188,7 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
                 f"passes:{info['passes']} c:{info['c']:.4e} gptq:{int(args.export_gptq)} "
                 f"calib_tokens:{stats['tokens'] if stats else 0} "
                 f"export_ms:{1000 * (time.perf_counter() - t0):.0f} bits_per_weight "
-                + " ".join(f"{g}:{8 * b / n:.3f}" for g, (b, n, _) in sorted(groups.items())) + " over_entropy "
-                + " ".join(f"{g}:{b / h:.4f}" for g, (b, _, h) in sorted(groups.items()))
+                + " ".join(f"{g}:{8 * b / n:.3f}" for g, (b, n) in sorted(groups.items()))
                 + f" moved:{','.join(moved) or 'none'}")
         except EvalFailure as e:
             error = f"{e} (ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes} less {code_bytes} bytes of code)"
@@ -1165,12 +1197,12 @@ def export_artifact(model: GPT, args: Hyperparameters, rt: Runtime, stats: dict 
         raise EvalFailure(error or "the export failed on rank 0")
 
 
-def account_artifact(args: Hyperparameters, n_params: int, log: Logger) -> dict:
+def account_artifact(args: Hyperparameters, log: Logger) -> dict:
     """Code bytes (train_gpt.py as it runs) + artifact bytes from disk; over the cap fails after the log line."""
     code_bytes, model_bytes = os.path.getsize(os.path.abspath(__file__)), os.path.getsize(args.artifact_path)
     sizes = {"bytes_code": code_bytes, "bytes_model": model_bytes, "bytes_total": code_bytes + model_bytes}
     log(f"artifact bytes_code:{code_bytes} bytes_model:{model_bytes} bytes_total:{sizes['bytes_total']} "
-        f"path:{args.artifact_path} bytes_per_param:{model_bytes / n_params:.4f}")
+        f"path:{args.artifact_path}")
     if sizes["bytes_total"] > args.artifact_limit_bytes:
         raise EvalFailure(f"artifact is over the limit: bytes_total {sizes['bytes_total']} > "
                           f"ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes} (artifact kept at {args.artifact_path})")
@@ -1182,9 +1214,10 @@ def load_artifact_model(args: Hyperparameters, rt: Runtime) -> GPT:
     args.apply_model_config(config)
     model = GPT(args).to(rt.device)
     missing = set(model.state_dict()) ^ set(state)
-    if missing:
-        raise UsageError(f"artifact {args.artifact_path} is corrupt: tensors {sorted(missing)[:4]} "
-                         "do not match the model")
+    if missing or config.get("layer_order") not in (model.layer_order(False), model.layer_order(True)):
+        raise UsageError(f"artifact {args.artifact_path} is corrupt: tensors {sorted(missing)[:4]} or layer order "
+                         f"{config.get('layer_order')} do not match the model")
+    model.recur_on = config["layer_order"] != model.layer_order(False)
     model.load_state_dict(state)
     return model.eval()
 
@@ -1368,11 +1401,10 @@ class Deadline:
 SCORE_ROWS = ("nll", "entropy", "top_p", "scored")  # per stream position; the last entry: ranks past the deadline
 
 
-def score_windows(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, log: Logger, *, label: str,
-                  seq_len: int, stride: int, deadline: Deadline) -> Tensor:
+def score_windows(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, *, seq_len: int, stride: int,
+                  deadline: Deadline) -> Tensor:
     """This rank's windows scored into SCORE_ROWS (other ranks' positions stay 0), then 1 if the deadline passed:
     each position has one owner, so the sum over ranks is the whole stream."""
-    t0 = last_report = time.perf_counter()
     ends = window_plan(len(val), seq_len, stride)
     new_targets = torch.diff(ends, prepend=ends.new_zeros(1))  # what each window scores
     lo, hi = len(ends) * rt.rank // rt.world_size, len(ends) * (rt.rank + 1) // rt.world_size
@@ -1395,11 +1427,6 @@ def score_windows(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, l
         logp = eval_logprobs(model, hidden_fn, val[rt.upload(rows)], rt.upload(scored), rt)
         rows_out[:, pos] = torch.stack((-logp.gather(1, val[pos][:, None]).squeeze(1), -(logp.exp() * logp).sum(-1),
                                         logp.max(-1).values.exp(), torch.ones_like(pos, dtype=torch.float64)))
-        if rt.master and time.perf_counter() - last_report > 10:
-            last_report = time.perf_counter()
-            done = min(1.0, (b - lo + B) / max(1, hi - lo))
-            log(f"eval_progress {label} coverage:{done:.4f} elapsed_s:{deadline.elapsed():.0f} "
-                f"eta_s:{(time.perf_counter() - t0) * (1 - done) / done:.0f}")
     buf[-1] = float(deadline.passed())
     return buf
 
@@ -1417,11 +1444,11 @@ def stream_scores(buf: Tensor, val: Tensor, luts, t0: float) -> dict:
             "eval_ms": 1000 * (time.perf_counter() - t0), "stream": cols}
 
 
-def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger, *, label: str,
+def evaluate(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, *,
              seq_len: int, stride: int, deadline: Deadline) -> dict:
     """Every target of `val` scored once, windows split across ranks; every rank gets the whole stream."""
     t0 = time.perf_counter()
-    buf = score_windows(model, val, args, rt, log, label=label, seq_len=seq_len, stride=stride, deadline=deadline)
+    buf = score_windows(model, val, args, rt, seq_len=seq_len, stride=stride, deadline=deadline)
     return stream_scores(rt.all_reduce(buf), val, luts, t0)
 
 
@@ -1456,8 +1483,8 @@ class DocBatch:
         model.requires_grad_(False)  # only the adapters learn
         gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + s) for s, _ in docs]
         names = {TTT_TARGETS[t] for t in args.ttt_targets.split(",")}
-        targets = [(m, m.in_features, m.out_features) for name, m in model.named_modules()
-                   if name.startswith("blocks.") and name.split(".", 2)[-1] in names]
+        targets = [(m, m.in_features, m.out_features) for name, m in model.named_modules()  # an untied repeat too
+                   if name.startswith("blocks.") and name.split(".", 2)[-1].removeprefix("repeat.") in names]
         if None in names:  # the head: the tied embedding, read as outputs
             targets.append((None, model.tok_emb.embedding_dim, model.tok_emb.num_embeddings))
         for m, n_in, n_out in targets:
@@ -1695,35 +1722,22 @@ def run_audit(model: GPT, val: Tensor, mixed: dict, tables: NgramTables, picks: 
             "late": any(p["late"] for p in parts)}
 
 
-def write_dump(path: str, val: Tensor, res: dict, tables: NgramTables | None) -> None:
-    """Per target t = 1..N-1, for offline study of the mixture: NaN (or the model's nll) where nothing matched."""
-    cols, n = res["stream"], len(val)
-    nan = torch.full_like(cols["nll"], math.nan)
-    tables = NgramTables.empty(n, val.device) if tables is None else tables
-    out = {"pos": torch.arange(n), "target": val, "nll_model": cols["nll"], "entropy": cols["entropy"],
-           "top_p": cols["top_p"], "order": tables.order.long(), "count": tables.count, "top": tables.top,
-           "p_ng": torch.where(tables.order > 0, tables.p, math.nan), "alpha": res.get("alpha", nan),
-           "nll_mixed": res.get("nll_mixed", cols["nll"]), "trust": res.get("trust", nan)}
-    np.savez(path, **{k: v[1:].cpu().numpy() for k, v in out.items()})
-
-
 def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Runtime, log: Logger,
                    deadline: Deadline, timings: dict) -> tuple[dict, dict, dict | None]:
     """The sliding window; with TTT=1 the TTT pass behind the switch, which the mixture then takes; the n-gram
     mixture once the audit has passed, complete only if all of it ends inside the deadline."""
-    res = evaluate(model, val, luts, args, rt, log, label="sliding", seq_len=args.eval_seq_len,
+    res = evaluate(model, val, luts, args, rt, seq_len=args.eval_seq_len,
                    stride=args.eval_stride, deadline=deadline)
     timings["sliding_ms"] = res["eval_ms"]
     log(final_line("sliding", res))
-    base, mixed, tables = res, None, None
+    base, mixed = res, None
     if args.ttt:
         t0 = time.perf_counter()
         buf, adapted = ttt_scores(model, val, args, rt, deadline)
         base = dict(switched(res, stream_scores(rt.all_reduce(buf), val, luts, t0)), adapted=rt.all_reduce(adapted))
         timings["ttt_ms"], weight = base["eval_ms"], float(torch.sigmoid(base["switch_evidence"][-1]))
-        log(f"ttt docs:{len(adapted)} adapted:{int(base['adapted'].sum())} rank:{args.ttt_rank} lr:{args.ttt_lr:g} "
-            f"chunk:{args.ttt_chunk} docs_per_batch:{args.ttt_docs} targets:{args.ttt_targets} "
-            f"ms:{base['eval_ms']:.0f} val_bpb_adapted:{base['bpb_adapted']:.8f} switch_weight:{weight:.4f}"
+        log(f"ttt docs:{len(adapted)} adapted:{int(base['adapted'].sum())} ms:{base['eval_ms']:.0f} "
+            f"val_bpb_adapted:{base['bpb_adapted']:.8f} switch_weight:{weight:.4f}"
             + (f" peak_memory_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}" if rt.is_cuda else ""))
         log(final_line("ttt", base))
     if args.ngram:
@@ -1750,9 +1764,6 @@ def run_final_eval(model: GPT, val: Tensor, luts, args: Hyperparameters, rt: Run
                 raise EvalFailure(f"n-gram audit failed, no n-gram score is reported: {rep}, sampled {len(picks)}")
             mixed["complete"] = not rep["late"]
         log(final_line("ngram", mixed, "mixed"))
-    if args.eval_dump_path and rt.master and base["complete"]:
-        write_dump(args.eval_dump_path, val, mixed or base, tables)
-        log(f"eval_dump path:{args.eval_dump_path} tokens:{base['tokens']}")
     return res, base, mixed
 
 
@@ -1768,12 +1779,11 @@ def train_and_export(args: Hyperparameters, rt: Runtime, log: Logger, val: Tenso
     trainer = Trainer(args, rt, model, BatchLoader(train_paths, args, rt), log)
     trainer.warmup()
     stats = trainer.train()
-    pre = evaluate(model, val, luts, args, rt, log, label="prequant", seq_len=args.train_seq_len,
-                   stride=args.train_seq_len, deadline=Deadline(0))
+    pre = evaluate(model, val, luts, args, rt, seq_len=args.train_seq_len, stride=args.train_seq_len, deadline=Deadline(0))
     log(final_line("prequant", pre))
     export_artifact(model, args, rt, stats["calib"], log)
     return {"steps": stats["steps"], "train_seconds": round(stats["train_seconds"], 3),
-            **account_artifact(args, n_params, log)}
+            **account_artifact(args, log)}
 
 
 def evaluate_artifact(args: Hyperparameters, rt: Runtime, log: Logger, val: Tensor, luts) -> dict:
@@ -1781,8 +1791,7 @@ def evaluate_artifact(args: Hyperparameters, rt: Runtime, log: Logger, val: Tens
     deadline, timings = Deadline(args.eval_budget_seconds), {}
     model = load_artifact_model(args, rt)
     timings["load_ms"] = 1000 * deadline.elapsed()
-    plain = evaluate(model, val, luts, args, rt, log, label="roundtrip", seq_len=args.train_seq_len,
-                     stride=args.train_seq_len, deadline=deadline)
+    plain = evaluate(model, val, luts, args, rt, seq_len=args.train_seq_len, stride=args.train_seq_len, deadline=deadline)
     timings["roundtrip_ms"] = plain["eval_ms"]
     log(final_line("roundtrip", plain))
     sliding, base, mixed = run_final_eval(model, val, luts, args, rt, log, deadline, timings)
@@ -1818,10 +1827,9 @@ def run() -> None:
     torch.manual_seed(args.seed)
     val = load_validation(args, rt)
     luts = tuple(torch.from_numpy(a).to(rt.device) for a in byte_luts(sp))
-    log(f"val_tokens:{len(val)} val_targets:{len(val) - 1}")
+    log(f"val_tokens:{len(val)}")
     if args.eval_only:
-        n_params = sum(math.prod(shape) for *_, shape in read_artifact(args.artifact_path)[0]["tensors"])
-        fields = account_artifact(args, n_params, log)
+        fields = account_artifact(args, log)
     else:
         fields = train_and_export(args, rt, log, val, luts, train_paths)
     fields.update(evaluate_artifact(args, rt, log, val, luts))

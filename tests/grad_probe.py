@@ -1,6 +1,7 @@
 """Test helper, run as a script (plain python or torchrun): the gradients that train_gpt.Trainer has
 accumulated for its first step, before clipping and the optimizer, and the parameters after the
-optimizers then step on them, saved by every rank to argv[1] + ".rank<r>".
+optimizers then step on them (Muon with its rows normalized, the default), saved by every rank to
+argv[1] + ".rank<r>".
 
 Every parameter is first set to seeded random values, so that no gradient is zero by construction
 (the zero-initialised output projections would otherwise cut the gradient of every block matrix)."""
@@ -18,6 +19,7 @@ def main(out_path: str) -> None:
     rt = train_gpt.Runtime(args.device)
     torch.manual_seed(args.seed)
     model = train_gpt.GPT(args).to(rt.device)
+    model.recur_on = True  # the repeat on: the shared matrices take both passes' gradients, each pass its scalars'
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval_dump
 import train_gpt
 from conftest import SCRIPT, command, contract_record, finals, script_env, tiny_args
 
@@ -74,8 +75,8 @@ def random_model(seed: int) -> train_gpt.GPT:
     torch.manual_seed(seed)
     model = train_gpt.GPT(tiny_args())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
+        for name, p in model.named_parameters():  # the scales and gains stay (a vector per pass)
+            if p.dim() >= 2 and not name.endswith(("attn_scale", "mlp_scale", "q_gain")):
                 std = 0.3 if name == "tok_emb.weight" else 1.0 / math.sqrt(p.shape[-1])
                 p.normal_(0.0, std)
     return model.eval()
@@ -92,7 +93,7 @@ def run_eval(model, val, luts, args, world_size, seq_len, stride, ngram=None, de
     buffers summed as the all-reduce sums them; then the stream scores and, with tables, the mixture.
     The per-rank buffers are kept under "parts"."""
     t0 = time.perf_counter()
-    parts = [train_gpt.score_windows(model, val, args, FakeRuntime(r, world_size), quiet, label="test", seq_len=seq_len,
+    parts = [train_gpt.score_windows(model, val, args, FakeRuntime(r, world_size), seq_len=seq_len,
                                      stride=stride, deadline=train_gpt.Deadline(deadline)) for r in range(world_size)]
     res = train_gpt.stream_scores(torch.stack(parts).sum(0), val, luts, t0)
     res = train_gpt.ngram_mixture(res, ngram, args) if ngram is not None and res["complete"] else res
@@ -100,10 +101,10 @@ def run_eval(model, val, luts, args, world_size, seq_len, stride, ngram=None, de
 
 
 def dump_of(res, val, tables=None) -> dict:
-    """What EVAL_DUMP_PATH would hold for this result: train_gpt.write_dump into a temporary file."""
+    """What tools/eval_dump.py would write for this result, through its write_dump into a temporary file."""
     with tempfile.TemporaryDirectory() as d:
         path = f"{d}/dump.npz"
-        train_gpt.write_dump(path, val, res, tables)
+        eval_dump.write_dump(path, val, res, tables)
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
 
@@ -275,12 +276,23 @@ def test_evaluate_scores_each_target_from_its_window_context(eval_setup, luts):
         for p in picks:
             end = my_window_end(p, n, seq_len, stride)
             start = max(0, end - seq_len)
-            logp = torch.log_softmax(model.logits(model.hidden(val[start:end][None]))[0, p - 1 - start], -1).double()
+            h = model.hidden(val[start:end][None])[0, p - 1 - start]  # the head in float64, as the eval's
+            logp = torch.log_softmax(model.logits(h, torch.float64), -1)
             i = p - 1
             assert d["pos"][i] == p
             assert d["nll_model"][i] == pytest.approx(-float(logp[val[p]]), abs=1e-5)
             assert d["entropy"][i] == pytest.approx(-float((logp.exp() * logp).sum()), abs=1e-5)
             assert d["top_p"][i] == pytest.approx(float(logp.exp().max()), abs=1e-6)
+
+
+def test_dump_without_ngram_covers_every_target(eval_setup, luts):
+    """tools/eval_dump.py with NGRAM=0: every target, no n-gram anywhere, the mixed column the model's."""
+    model, val, _ = eval_setup
+    res = run_eval(model, val, luts, tiny_args(NGRAM=0), 2, 64, 16)
+    d = dump_of(res, val)
+    assert np.array_equal(d["pos"], np.arange(1, len(val)))
+    assert (d["order"] == 0).all() and np.isnan(d["p_ng"]).all() and np.isnan(d["alpha"]).all()
+    assert np.array_equal(d["nll_mixed"], d["nll_model"]) and d["nll_model"].mean() == pytest.approx(res["loss_model"])
 
 
 @pytest.mark.parametrize("n", [2, 3, 40, 65])
@@ -711,8 +723,11 @@ def test_dump_is_consistent(trained_run, corpus):
     a = d["alpha"][yes]
     want = -np.log((1 - a) * np.exp(-d["nll_model"][yes]) + a * d["p_ng"][yes])
     np.testing.assert_allclose(d["nll_mixed"][yes], want, rtol=0, atol=1e-9)
-    # the means are the reported losses; with the reported bytes, the bpbs
+    # the means are the reported losses; with the reported bytes, the bpbs (the tool ran the script's evaluation:
+    # the same final lines as the training run's own)
     f = trained_run["finals"]
+    assert {k: trained_run["dump_finals"][k] for k in ("sliding", "ngram")} == \
+           {k: dict(f[k], eval_ms=trained_run["dump_finals"][k]["eval_ms"]) for k in ("sliding", "ngram")}
     assert f["ngram"]["tokens"] == f["sliding"]["tokens"] == n - 1
     assert d["nll_mixed"].mean() == pytest.approx(f["ngram"]["val_loss"], abs=1e-6)
     assert d["nll_model"].mean() == pytest.approx(f["sliding"]["val_loss"], abs=1e-6)
@@ -755,9 +770,8 @@ def test_dump_matches_artifact_model(trained_run, corpus):
 def eval_only_runs(trained_run, corpus, tmp_path_factory):
     """The three EVAL_ONLY runs, launched together to save wall time."""
     jobs = {}
-    specs = {"two_procs": dict(nproc=2, EVAL_DUMP_PATH="dump_two_procs.npz"),
-             "budget": dict(nproc=1, EVAL_BUDGET_SECONDS=0.001),
-             "no_ngram": dict(nproc=1, NGRAM=0, EVAL_DUMP_PATH="dump_no_ngram.npz")}
+    specs = {"two_procs": dict(nproc=2), "budget": dict(nproc=1, EVAL_BUDGET_SECONDS=0.001),
+             "no_ngram": dict(nproc=1, NGRAM=0)}
     cwd_of = {}
     for name, spec in specs.items():
         cwd = cwd_of[name] = tmp_path_factory.mktemp(name)
@@ -790,10 +804,6 @@ def test_two_processes_give_the_same_score(eval_only_runs, trained_run):
         assert got[kind]["coverage"] == 1.0
     m = re.search(r"^ngram_audit positions:(\d+) max_sum_err:(\S+) max_target_err:(\S+) order_mismatch:0", proc.stdout, re.M)
     assert m and int(m.group(1)) > 0 and float(m.group(2)) <= 1e-6
-    # the dump is gathered on rank 0 from both ranks' windows: the same rows as the one-process dump
-    two, one = np.load(proc.cwd / "dump_two_procs.npz"), np.load(trained_run["dump"])
-    assert np.array_equal(two["pos"], one["pos"]) and np.array_equal(two["order"], one["order"])
-    np.testing.assert_allclose(two["nll_mixed"], one["nll_mixed"], rtol=0, atol=1e-6)
 
 
 def test_budget_too_small_reports_no_score(eval_only_runs):
@@ -845,12 +855,6 @@ def test_ngram_off_reports_sliding_only(eval_only_runs, trained_run):
     assert not re.search(r"^ngram_audit ", proc.stdout, re.M)
     assert got["sliding"]["val_bpb"] == pytest.approx(trained_run["finals"]["sliding"]["val_bpb"], rel=1e-6)
     assert got["sliding"]["coverage"] == 1.0
-    # the per-token dump still covers every target, with no n-gram anywhere
-    d = np.load(proc.cwd / "dump_no_ngram.npz")
-    assert np.array_equal(d["pos"], np.arange(1, got["sliding"]["tokens"] + 1))
-    assert (d["order"] == 0).all() and np.isnan(d["p_ng"]).all() and np.isnan(d["alpha"]).all()
-    assert np.array_equal(d["nll_mixed"], d["nll_model"])
-    assert d["nll_model"].mean() == pytest.approx(got["sliding"]["val_loss"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,8 +63,7 @@ def test_every_target_is_scored_once_and_bytes_are_those_of_the_sliding_pass(lut
     assert torch.equal(rows[3][1:], torch.ones(len(val) - 1)) and rows[3][0] == 0
     assert int(adapted.sum()) == len(train_gpt.documents(val))
     res = train_gpt.stream_scores(torch.cat((rows.flatten(), torch.zeros(1))), val, luts, 0.0)
-    sliding = train_gpt.stream_scores(train_gpt.score_windows(model, val, args, FakeRuntime(), lambda *a, **k: None,
-                                                              label="s", seq_len=32, stride=8,
+    sliding = train_gpt.stream_scores(train_gpt.score_windows(model, val, args, FakeRuntime(), seq_len=32, stride=8,
                                                               deadline=train_gpt.Deadline(0)), val, luts, 0.0)
     assert res["complete"] and (res["tokens"], res["bytes"]) == (sliding["tokens"], sliding["bytes"])
 
@@ -185,7 +184,7 @@ def test_audit_replays_the_adaptation_and_catches_an_adapter_that_saw_its_chunk(
 def test_the_audit_rebuilds_the_switch(luts):
     """With TTT=1 the audit mixes its replayed TTT row and its own sliding row by the switch's weight at t, so it
     passes on the fast path and fails when the weight used to score is not the one the evidence gives."""
-    model, val = random_model(4), doc_stream([96] * 4 + [40] * 4, 5, repeat=True)
+    model, val = random_model(5), doc_stream([96] * 4 + [40] * 4, 5, repeat=True)
     args = tiny_args(**TTT, TTT_LR=0.03)  # adapters that move p(x_t) far from the sliding pass's
     sliding = run_eval(model, val, luts, args, 1, args.eval_seq_len, args.eval_stride)
     buf, adapted = train_gpt.ttt_scores(model, val, args, FakeRuntime(), train_gpt.Deadline(0))
@@ -233,8 +232,7 @@ def ttt_runs(trained_run, corpus, tmp_path_factory):
     return out
 
 
-TTT_LINE = re.compile(r"^ttt docs:(\d+) adapted:(\d+) rank:8 lr:0.0001 chunk:32 docs_per_batch:16 "
-                      r"targets:q,k,v,o,mlp,head ms:\d+ val_bpb_adapted:(\d\.\d{8}) switch_weight:(\d\.\d{4})$", re.M)
+TTT_LINE = re.compile(r"^ttt docs:(\d+) adapted:(\d+) ms:\d+ val_bpb_adapted:(\d\.\d{8}) switch_weight:(\d\.\d{4})$", re.M)
 
 
 def test_whole_eval_with_ttt_reports_and_audits(ttt_runs, trained_run):
@@ -271,4 +269,4 @@ def test_a_tight_budget_scores_everything_and_adapts_what_fits(ttt_runs):
     assert int(adapted) == 16 < int(docs)
     f = finals(proc.stdout)
     assert f["ttt"]["coverage"] == 1.0 and f["ngram"]["coverage"] == 1.0
-    assert f["ttt"]["val_bpb"] != finals(ttt_runs["one"].stdout)["ttt"]["val_bpb"]
+    assert adapted_bpb != TTT_LINE.findall(ttt_runs["one"].stdout)[0][2]  # the adapted pass itself changed

@@ -48,6 +48,15 @@ def draw(model: train_gpt.GPT, kind: str, seed: int) -> None:
             p.copy_(w / w.pow(2).mean(dim=1, keepdim=True).sqrt() / p.shape[1] ** 0.5)
 
 
+def entropy_bytes(b: torch.Tensor) -> float:
+    """Order-0 entropy of each byte plane, in bytes: the bound each group's frames are measured against."""
+    total = 0.0
+    for plane in b.contiguous().view(-1).view(torch.uint8).view(-1, b.element_size()).T:
+        counts = torch.bincount(plane.long(), minlength=256).double()
+        total += float((counts * (len(plane) / counts).log2()).nansum()) / 8
+    return total
+
+
 def by_group(info: dict) -> str:
     """real / estimated / entropy bytes per group: mlp, attn, bigram, embed, other (the export line's groups)."""
     out = {}
@@ -56,7 +65,7 @@ def by_group(info: dict) -> str:
         # the fit's estimate of an int tensor (BudgetFit.estimate, before the rescale); fp16 tensors are measured
         estimate = info["sizes"][name] if s is None else 4 + len(train_gpt.tensor_frame(q, s, train_gpt.ZSTD_SIZING)[1])
         row = (info["sizes"][name], estimate,
-               4 + train_gpt.entropy_bytes(q) + (0 if s is None else train_gpt.entropy_bytes(s)))  # as the export line
+               4 + entropy_bytes(q) + (0 if s is None else entropy_bytes(s)))
         out[group] = [a + b for a, b in zip(out.get(group, (0, 0, 0)), row)]
     return " ".join(f"{g}:{r:.0f}/{e:.0f}/{h:.0f}({r / h:.4f})" for g, (r, e, h) in sorted(out.items()))
 

@@ -112,7 +112,7 @@ def main() -> None:
     def score(state) -> float:
         m = T.GPT(args).to(rt.device)
         m.load_state_dict(state)
-        return T.evaluate(m, val, luts, args, rt, log, label="study", seq_len=args.train_seq_len,
+        return T.evaluate(m, val, luts, args, rt, seq_len=args.train_seq_len,
                           stride=args.train_seq_len, deadline=T.Deadline(0))["bpb_model"]
 
     def loaded(module, blob: bytes) -> dict:  # the weights the artifact itself gives a fresh model

@@ -35,7 +35,7 @@ def sliding_pass(cache: str | None):
     if cache and os.path.exists(cache):
         res = torch.load(cache, map_location=rt.device)
     else:
-        res = T.evaluate(model, val, luts, args, rt, print, label="sliding", seq_len=args.eval_seq_len,
+        res = T.evaluate(model, val, luts, args, rt, seq_len=args.eval_seq_len,
                          stride=args.eval_stride, deadline=T.Deadline(0))
         if cache:
             torch.save(res, cache)

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import train_gpt  # noqa: E402
+from estimate_artifact import entropy_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -20,7 +21,7 @@ def main() -> None:
             for coarse in (1.0, 0.5, 0.25, 0.12):
                 step = w.abs().amax(1) / qmax / coarse
                 q = torch.clamp(torch.round(w / step[:, None]), -qmax, qmax).to(torch.int8)
-                h = train_gpt.entropy_bytes(q)
+                h = entropy_bytes(q)
                 ratios = {k: len(train_gpt.zstd_frame(v)) / h for k, v in train_gpt.code_layouts(q).items()}
                 zeros = float((q == 0).float().mean())
                 print(f"{dist:8s} int{5 if qmax == 15 else 6} coarse={coarse:<5} zeros={zeros:.3f} "

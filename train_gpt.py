@@ -81,11 +81,10 @@ MODEL_KNOBS = (
     ("rope_dims", 16, int, 2), ("rope_base", 10000.0, float, 1.0), ("xsa_last_n", None, int, 0),
     ("bigram_vocab_size", 4096, int, 0), ("bigram_dim", 128, int, 1), ("smear_gate", True, bool),
     ("value_residual", True, bool), ("ln_scale", True, bool), ("logit_softcap", 30.0, float, 1.0),
-    ("parallel_start_layer", None, int, 0), ("recur_layers", None, list), ("recur_untied_mlp", False, bool),
+    ("parallel_start_layer", None, int, 0), ("recur_layers", [], list), ("recur_untied_mlp", False, bool),
 )
-LAYER_DEFAULTS = {  # the records' levers (README): XSA everywhere, the last third parallel, the middle two repeated
+LAYER_DEFAULTS = {  # the records' levers (README): XSA everywhere, the last third parallel
     "xsa_last_n": lambda n: n, "parallel_start_layer": lambda n: round(2 * n / 3),
-    "recur_layers": lambda n: list(range(max(0, n // 2 - 1), min(n, n // 2 + 1))),
 }
 MODEL_KEYS = tuple(name for name, *_ in MODEL_KNOBS)
 KNOBS = (
@@ -152,7 +151,8 @@ class Hyperparameters:
              f"ROPE_DIMS={self.rope_dims} is invalid: must be even and <= head dim {head_dim}"),
             (self.xsa_last_n > self.num_layers,
              f"XSA_LAST_N={self.xsa_last_n} is invalid: must be <= NUM_LAYERS={self.num_layers}"),
-            (recur and recur != list(range(recur[0], recur[0] + len(recur))) or not {*recur} <= {*range(self.num_layers)},
+            (recur and recur != list(range(recur[0], recur[0] + len(recur)))
+             or not {*recur} <= {*range(self.num_layers)},
              f"RECUR_LAYERS={','.join(map(str, recur))} is invalid: must be consecutive ascending layers in "
              f"[0, {self.num_layers - 1}] (empty: off)"),
             (recur and self.warmup_steps == 1 and not self.eval_only,
@@ -1779,7 +1779,8 @@ def train_and_export(args: Hyperparameters, rt: Runtime, log: Logger, val: Tenso
     trainer = Trainer(args, rt, model, BatchLoader(train_paths, args, rt), log)
     trainer.warmup()
     stats = trainer.train()
-    pre = evaluate(model, val, luts, args, rt, seq_len=args.train_seq_len, stride=args.train_seq_len, deadline=Deadline(0))
+    pre = evaluate(model, val, luts, args, rt, seq_len=args.train_seq_len, stride=args.train_seq_len,
+                   deadline=Deadline(0))
     log(final_line("prequant", pre))
     export_artifact(model, args, rt, stats["calib"], log)
     return {"steps": stats["steps"], "train_seconds": round(stats["train_seconds"], 3),
@@ -1791,7 +1792,8 @@ def evaluate_artifact(args: Hyperparameters, rt: Runtime, log: Logger, val: Tens
     deadline, timings = Deadline(args.eval_budget_seconds), {}
     model = load_artifact_model(args, rt)
     timings["load_ms"] = 1000 * deadline.elapsed()
-    plain = evaluate(model, val, luts, args, rt, seq_len=args.train_seq_len, stride=args.train_seq_len, deadline=deadline)
+    plain = evaluate(model, val, luts, args, rt, seq_len=args.train_seq_len, stride=args.train_seq_len,
+                     deadline=deadline)
     timings["roundtrip_ms"] = plain["eval_ms"]
     log(final_line("roundtrip", plain))
     sliding, base, mixed = run_final_eval(model, val, luts, args, rt, log, deadline, timings)

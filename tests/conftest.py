@@ -32,11 +32,12 @@ def pytest_collection_modifyitems(config, items):
         if "cuda" in item.keywords:
             item.add_marker(skip)
 
-# A model small enough for a 2-core CPU; every architectural part stays switched on. DEVICE=cpu so the
-# suite computes the same things on a machine with a GPU; the `cuda` tests ask for the GPU themselves.
+# A model small enough for a 2-core CPU; every architectural part stays switched on, the repeat too (off by
+# default: README, levers). DEVICE=cpu so the suite computes the same things on a machine with a GPU; the `cuda`
+# tests ask for the GPU themselves.
 TINY = {
     "DEVICE": "cpu", "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "2", "MODEL_DIM": "96", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-    "MLP_MULT": "2", "ROPE_DIMS": "8", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16",
+    "MLP_MULT": "2", "ROPE_DIMS": "8", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16", "RECUR_LAYERS": "0,1",
     "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "ITERATIONS": "10", "WARMUP_STEPS": "2",
     "WARMDOWN_ITERS": "5", "TRAIN_LOG_EVERY": "1", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "16",
     "EVAL_BATCH_SEQS": "16", "NGRAM_AUDIT_POSITIONS": "32", "NGRAM_MIX_FIRST": "256", "NGRAM_MIX_CHUNK": "2048", "EMA_DECAY": "0.5", "MAX_WALLCLOCK_SECONDS": "0",

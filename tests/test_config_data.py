@@ -446,19 +446,22 @@ def one_process_1536(corpus, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("nproc,accum,knobs", [(3, 2, {"RECUR_UNTIED_MLP": 1}), (8, 1, {})], ids=["3-untied", "8"])
+@pytest.mark.parametrize("nproc,accum,knobs", [(2, 4, {}), (3, 2, {"RECUR_UNTIED_MLP": 1}),
+                                               (8, 1, {"RECUR_LAYERS": ""})], ids=["2", "3-untied", "8-no-repeat"])
 def test_many_processes_under_the_nccl_contract_match_one_process(corpus, one_process_1536, tmp_path, nproc, accum,
                                                                   knobs):
-    """The whole pipeline (train, calibrate, export, round trip, sliding + n-gram eval, audit) with 3 processes
+    """The whole pipeline (train, calibrate, export, round trip, sliding + n-gram eval, audit) with 2, 3 processes
     (Muon's shape batches split unevenly, zero-padded) and 8 (the record's world size), every collective
     checked against NCCL's rules and every rank making the same ones: the run completes and scores what
-    one process scores. Parallel residuals (layer 1) and the repeat (layers 0 and 1, on from step 5) by default;
-    with 3 processes the repeat's MLP untied, unused until the switch (DDP looks for unused parameters)."""
+    one process scores. Parallel residuals (layer 1) and the repeat (layers 0 and 1, on from step 5: the tiny
+    config's); with 3 processes the repeat's MLP untied, unused until the switch (DDP looks for unused
+    parameters); with 8 the record's default, no repeat."""
     proc = run_script(corpus, tmp_path, nproc=nproc, timeout=400, TRAIN_BATCH_TOKENS=1536, **knobs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert re.search(rf"^env .*world_size:{nproc} grad_accum_steps:{accum}$", proc.stdout, re.M)
-    assert re.search(r"^recurrence:on step:5 ", proc.stdout, re.M)  # the switch, on every rank at the same step
+    switch = re.findall(r"^recurrence:on step:(\d+) ", proc.stdout, re.M)  # on every rank at the same step
+    assert switch == ([] if knobs.get("RECUR_LAYERS") == "" else ["5"]), switch
     calls = proc.collectives
     assert calls["all_gather_into_tensor"] >= int(TINY["ITERATIONS"]) * 3  # Muon: one gather per shape and step
     assert calls["all_reduce"] > int(TINY["ITERATIONS"]) and calls["all_gather_object"] >= 1 and calls["barrier"] == 1

@@ -28,7 +28,7 @@ from conftest import ROOT, SCRIPT, TINY, finals, script_env, tiny_args
 import train_gpt as T
 
 SHAPE_VARS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "ROPE_DIMS",
-              "XSA_LAST_N", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM")
+              "XSA_LAST_N", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "RECUR_LAYERS")
 ARTIFACT_RE = re.compile(r"^artifact bytes_code:(\d+) bytes_model:(\d+) bytes_total:(\d+) path:(\S+)(.*)$", re.M)
 COMPARED = ("val_loss", "val_bpb", "tokens", "bytes", "coverage")
 

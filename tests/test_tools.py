@@ -23,6 +23,8 @@ def test_gpu_check_dry_run_completes(tmp_path):
     assert len(re.findall(r"^step:\d muon:(ours|torch) ms:\S+ ops:\d+$", out, re.M)) == 6
     summary = out.split("] summary\n", 1)[1]
     assert re.search(r"^steps:\d+ ms/step:\S+ \(forward\+backward \S+, optimizer \S+, rest \S+\)$", summary, re.M)
+    assert re.search(r"^recurrence: on from step \d+ \(\d+ ms\): ms/step \S+ before, \S+ after \(x\S+\), both graphs "
+                     r"compiled in the warm-up", summary, re.M)
     for kind in ("prequant", "roundtrip", "sliding", "ngram"):
         assert re.search(rf"^final_{kind} val_loss:\S+ val_bpb:\S+ .*coverage:1.000000 ", summary, re.M), kind
     assert re.search(r"^ngram_audit positions:64 .*order_mismatch:0 tol:1e-06 sampled:64$", summary, re.M)
@@ -38,3 +40,33 @@ def test_gpu_check_dry_run_completes(tmp_path):
     assert re.search(r"^SKIPPED \[\d+\] tests/test_cuda.py: needs a CUDA GPU", out, re.M)
     assert re.search(r"^train_gpt rc:0 cuda_tests rc:0 total_s:\d+$", out, re.M)
     assert os.path.isfile(tmp_path / "check" / "final_model.ptz")
+
+
+def test_lever_study_reads_the_real_log_and_pairs_by_seed(trained_run):
+    """tools/lever_study.py's numbers in docs/runs come from its parse of train_gpt.py's log and its pairing by seed:
+    the parse must read this script's final lines and step times (before and after the switch), and the gap change
+    between two lengths must carry its sign (negative only when the lever's difference from the defaults shrinks)."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import lever_study
+    row = lever_study.parse(trained_run["stdout"])
+    for kind in ("prequant", "roundtrip", "sliding"):
+        assert row[kind] == trained_run["finals"][kind]["val_bpb"], kind
+    assert row["steps"] == 10 and row["ms_before"] > 0 and row["ms_after"] > 0  # switch at step 5 of 10
+    def rows(long_gap):  # the lever off is better by 0.02 at 120 s, by -long_gap at 480 s
+        out = []
+        for seed, noise in ((1, 0.001), (2, -0.002), (3, 0.0005)):
+            for secs, gap in ((120.0, -0.02), (480.0, long_gap)):
+                base = 2.0 - secs / 1000 + noise
+                out += [dict(tag="t", lever="defaults", seed=seed, seconds=secs, rc=0, sliding=base),
+                        dict(tag="t", lever="qk_gain_1.5", seed=seed, seconds=secs, rc=0, sliding=base + gap),
+                        dict(tag="t", lever="no_recurrence", seed=seed, seconds=secs, rc=0,
+                             sliding=base - gap + noise * secs / 120)]  # the mirror: the default better
+        return out
+    lines = {ln.split()[0]: ln for ln in lever_study.gap_changes(rows(-0.005))[1:]}
+    assert re.search(r"seeds:\[1, 2, 3\] diff_sliding -0.02000 -> -0.00500 change:-0.01500 \+- 0.00000$",
+                     lines["qk_gain_1.5"]), lines
+    assert re.search(r"diff_sliding \+0.0\d+ -> \+0.0\d+ change:-0.01\d+ \+- 0.00\d+ \(-\d+\.\d s.e.\)$",
+                     lines["no_recurrence"]), lines
+    grown = lever_study.gap_changes(rows(-0.03))[1:]  # both gaps grow with steps
+    assert len(grown) == 2 and all(float(re.search(r"change:(\S+)", ln).group(1)) > 0 for ln in grown), grown

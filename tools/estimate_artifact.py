@@ -58,22 +58,25 @@ def entropy_bytes(b: torch.Tensor) -> float:
 
 
 def by_group(info: dict) -> str:
-    """real / estimated / entropy bytes per group: mlp, attn, bigram, embed, other (the export line's groups)."""
+    """real / estimated / entropy bytes per group: mlp, attn, bigram, embed, other (the export line's groups), and
+    its real bits a weight."""
     out = {}
     for name, (kind, _, q, s) in info["quantized"].items():
         group = next((g for g, key in train_gpt.WEIGHT_GROUPS if key in name), "other")
         # the fit's estimate of an int tensor (BudgetFit.estimate, before the rescale); fp16 tensors are measured
         estimate = info["sizes"][name] if s is None else 4 + len(train_gpt.tensor_frame(q, s, train_gpt.ZSTD_SIZING)[1])
         row = (info["sizes"][name], estimate,
-               4 + entropy_bytes(q) + (0 if s is None else entropy_bytes(s)))
-        out[group] = [a + b for a, b in zip(out.get(group, (0, 0, 0)), row)]
-    return " ".join(f"{g}:{r:.0f}/{e:.0f}/{h:.0f}({r / h:.4f})" for g, (r, e, h) in sorted(out.items()))
+               4 + entropy_bytes(q) + (0 if s is None else entropy_bytes(s)), q.numel())
+        out[group] = [a + b for a, b in zip(out.get(group, (0, 0, 0, 0)), row)]
+    return " ".join(f"{g}:{r:.0f}/{e:.0f}/{h:.0f}({r / h:.4f},{8 * r / n:.3f}b)"
+                    for g, (r, e, h, n) in sorted(out.items()))
 
 
 def main() -> None:
     args = train_gpt.Hyperparameters()
     torch.manual_seed(0)  # the embedding keeps its N(0, 0.005^2) init: fix it too
     model = train_gpt.GPT(args)
+    model.recur_on = bool(args.recur_layers)  # as a trained model ends, with the repeat on (calibration sees it)
     n_params = sum(p.numel() for p in model.parameters())
     code_bytes = os.path.getsize(train_gpt.__file__)
     limit = args.artifact_limit_bytes - code_bytes
@@ -87,12 +90,13 @@ def main() -> None:
         stats = train_gpt.calibrate(model, [(tokens, None)], rt, math.inf)
         t1 = time.perf_counter()
         fit = train_gpt.BudgetFit(model.state_dict(), stats)
-        blob, info = fit.fit(limit, args.model_config(), args.export_gptq)
+        blob, info = fit.fit(limit, args.model_config(model.layer_order()), args.export_gptq)
         t2 = time.perf_counter()
         finest = len(train_gpt.serialize_artifact(fit.quantize(math.exp(fit.bounds[0]), False), args.model_config()))
-        print(f"weights:{kind} finest_bytes_model:{finest} bytes_model:{len(blob)} bytes_total:{code_bytes + len(blob)} "
-              f"under_cap:{args.artifact_limit_bytes - code_bytes - len(blob)} passes:{info['passes']} "
-              f"calibration_s:{t1 - t0:.1f} export_s:{t2 - t1:.1f} bytes_per_param:{len(blob) / n_params:.4f}", flush=True)
+        print(f"weights:{kind} finest_bytes_model:{finest} bytes_model:{len(blob)} "
+              f"bytes_total:{code_bytes + len(blob)} under_cap:{args.artifact_limit_bytes - code_bytes - len(blob)} "
+              f"passes:{info['passes']} c:{info['c']:.4e} calibration_s:{t1 - t0:.1f} export_s:{t2 - t1:.1f} "
+              f"bytes_per_param:{len(blob) / n_params:.4f}", flush=True)
         print(f"  bytes real/estimate/entropy(real over entropy) {by_group(info)}", flush=True)
         t3 = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:

@@ -7,8 +7,10 @@
 #      train_gpt.Muon against torch.optim.Muon, the n-gram precompute and learned mixer at the full
 #      validation size (62,021,846 tokens), orders 2-7 and 2-16, and the TTT pass's rate on the full-size
 #      model, projected to the 62M validation tokens on 8 GPUs
-#   4. a summary: ms/step (forward+backward, optimizer, rest), peak memory, compile time, eval times, bytes,
-#      the calibration's time against what the stop rule reserved for it, and the margin left under the cap
+#   4. a summary: ms/step (forward+backward, optimizer, rest), and before and after the repeat's switch (its
+#      layers run twice from RECUR_START_FRAC of the budget on), peak memory, the warm-up's time (it compiles
+#      both graphs, with and without the repeat), eval times, bytes, the calibration's time against what the
+#      stop rule reserved for it, and the margin left under the cap
 #
 #   bash tools/gpu_check.sh          # on the GPU machine; everything lands in runs/gpu_check/
 #   bash tools/gpu_check.sh --dry    # the same steps at toy size on the CPU, to show the script is sound
@@ -32,13 +34,14 @@ fi
 
 if [ $dry = 1 ]; then  # toy sizes, CPU
   docs_mb=1 val_docs=100 ngram_tokens=1000000 ttt_args="--docs 4 --mean-len 100"
-  run_env=(DEVICE=cpu NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=2 ROPE_DIMS=8 XSA_LAST_N=1
+  run_env=(DEVICE=cpu NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=2 ROPE_DIMS=8 RECUR_LAYERS=0,1
            BIGRAM_VOCAB_SIZE=256 BIGRAM_DIM=16 TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=2048 GRAD_ACCUM_STEPS=1
            WARMUP_STEPS=2 MAX_WALLCLOCK_SECONDS=${GPU_CHECK_TRAIN_SECONDS:-10} TRAIN_LOG_EVERY=10
            EVAL_SEQ_LEN=128 EVAL_STRIDE=64 NGRAM_AUDIT_POSITIONS=64)
-else  # the default (record) model and schedule; only the wall-clock budget is shorter
+else  # the default (record) model and schedule, with the records' repeat (off by default) to time its switch;
+  # only the wall-clock budget is shorter
   docs_mb=24 val_docs=4000 ngram_tokens=62021846 ttt_args="--docs 256"
-  run_env=(MAX_WALLCLOCK_SECONDS=${GPU_CHECK_TRAIN_SECONDS:-120} TRAIN_LOG_EVERY=25)
+  run_env=(MAX_WALLCLOCK_SECONDS=${GPU_CHECK_TRAIN_SECONDS:-120} TRAIN_LOG_EVERY=25 RECUR_LAYERS=4,5)
 fi
 
 stage "environment"
@@ -77,6 +80,13 @@ steps = re.findall(r"^step:(\d+)/\d+ .*step_ms:(\S+) fwd_bwd_ms:(\S+) opt_ms:(\S
 if steps:
     n, step, fb, opt, other = steps[-1]
     print(f"steps:{n} ms/step:{step} (forward+backward {fb}, optimizer {opt}, rest {other})")
+switch = re.search(r"^recurrence:on step:(\d+) train_time_ms:(\d+)$", text, re.M)
+last = re.findall(r"^step:(\d+)/\d+ .*train_time_ms:(\d+)$", text, re.M)
+if switch and last:
+    (s, t), (n, tn) = (int(x) for x in switch.groups()), (int(x) for x in last[-1])
+    before, after = t / max(s, 1), (tn - t) / max(n - s, 1)
+    print(f"recurrence: on from step {s} ({t} ms): ms/step {before:.1f} before, {after:.1f} after "
+          f"(x{after / before:.3f}), both graphs compiled in the warm-up (warmup_ms below)")
 for pat in (r"^warmup_steps:.*", r"^stopping_early.*", r"^calibration .*", r"^peak_memory_mib:.*", r"^export .*",
             r"^artifact .*", r"^final_\w+ .*", r"^ngram_mix .*", r"^ngram_audit .*", r"^eval_time .*"):
     for line in re.findall(pat, text, re.M):

@@ -36,14 +36,17 @@ LEVERS = {
     "defaults": {},
     "xsa_last_4": {"XSA_LAST_N": "4"},
     "qk_gain_1.5": {"QK_GAIN_INIT": "1.5"},
+    "qk_gain_2.5": {"QK_GAIN_INIT": "2.5"},  # between the two, where 5 costs on the CPU
+    "qk_gain_4": {"QK_GAIN_INIT": "4.0"},
     "no_row_normalize": {"MUON_ROW_NORMALIZE": "0"},
     "no_parallel": {"PARALLEL_START_LAYER": "99"},
     "no_recurrence": {"RECUR_LAYERS": ""},
     "untied_mlp": {"RECUR_UNTIED_MLP": "1"},
 }
-# a 10-layer model, as the record's: the repeat (layers 4, 5) and the parallel layers (7-9) at the record's places
+# a 10-layer model, as the record's: the repeat (layers 4, 5) and the parallel layers (7-9) at the record's places.
+# The study's baseline has every lever on, the repeat too (the default when the study ran; off since, README).
 MODEL = {"NUM_LAYERS": "10", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "3",
-         "ROPE_DIMS": "16", "BIGRAM_VOCAB_SIZE": "1024", "BIGRAM_DIM": "32", "VOCAB_SIZE": "1024"}
+         "ROPE_DIMS": "16", "BIGRAM_VOCAB_SIZE": "1024", "BIGRAM_DIM": "32", "VOCAB_SIZE": "1024", "RECUR_LAYERS": "4,5"}
 COMMON = {"DEVICE": "cpu", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NGRAM": "0", "TTT": "0",
           "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "4096", "GRAD_ACCUM_STEPS": "1", "ITERATIONS": "100000",
           "WARMUP_STEPS": "2", "WARMDOWN_ITERS": "0", "WARMDOWN_FRAC": "0.4", "EMA_DECAY": "0.95",
@@ -133,14 +136,45 @@ def table(rows: list[dict]) -> str:
             line += (f" steps:{statistics.fmean([r['steps'] for r in rs]):.0f} ms_step:{statistics.fmean(ms):.0f}"
                      + (f"/{statistics.fmean(after):.0f} (after the switch)" if after else ""))
             out.append(line)
+    out += gap_changes(rows)
     return "\n".join(out)
 
 
+def gap_changes(rows: list[dict]) -> list[str]:
+    """Where a corpus ran at two lengths: each lever's paired difference at the longer minus that at the shorter,
+    per seed that ran all four runs (defaults and lever at both lengths), signed so that negative means the gap
+    shrinks with steps (its sign is the shorter length's mean difference)."""
+    out = []
+    for tag in sorted({r.get("tag", "") for r in rows}):
+        ok = {(r["seconds"], r["lever"], r["seed"]): r["sliding"] for r in rows if r.get("tag", "") == tag
+              and r["rc"] == 0}
+        lengths = sorted({k[0] for k in ok})
+        if len(lengths) < 2:
+            continue
+        short, long_ = lengths[0], lengths[-1]
+        out.append(f"== {tag} gap change {short:g} s -> {long_:g} s (diff_sliding at {long_:g} s minus at {short:g} s, "
+                   "paired by seed, times the sign of the shorter; negative: the gap to the defaults shrinks with steps)")
+        for lever in LEVERS:
+            seeds = sorted(s for (t, lv, s) in ok if t == short and lv == lever
+                           if all((t2, lv2, s) in ok for t2 in (short, long_) for lv2 in (lever, "defaults")))
+            if lever == "defaults" or len(seeds) < 2:
+                continue
+            diff = {t: [ok[t, lever, s] - ok[t, "defaults", s] for s in seeds] for t in (short, long_)}
+            sign = math.copysign(1.0, statistics.fmean(diff[short]))
+            change = [sign * (b - a) for a, b in zip(diff[short], diff[long_])]
+            mean = statistics.fmean(change)
+            se = statistics.stdev(change) / math.sqrt(len(change))
+            out.append(f"{lever:17s} seeds:{seeds} diff_sliding {statistics.fmean(diff[short]):+.5f} -> "
+                       f"{statistics.fmean(diff[long_]):+.5f} change:{mean:+.5f} +- {se:.5f}"
+                       + (f" ({mean / se:+.1f} s.e.)" if se else ""))
+    return out
+
+
 def flop_ratios() -> str:
-    """Matmul and attention FLOPs a token of the full-size model costs in a training step, each lever against
-    the defaults: the repeat runs layers 4 and 5 twice; the others change no matrix product."""
+    """Matmul and attention FLOPs a token of the full-size model costs in a training step, with the records' repeat
+    (layers 4 and 5 twice) and without; the other levers change no matrix product."""
     import train_gpt as T
-    os.environ.pop("RECUR_LAYERS", None)
+    os.environ["RECUR_LAYERS"] = "4,5"
     args = T.Hyperparameters()
     model = T.GPT(args)
     T_ = args.train_seq_len
@@ -182,13 +216,15 @@ def main() -> None:
         rows = [json.loads(line) for p in a.pool for line in open(p) if line.strip()]
         print(table(rows))
         return
+    a.out = os.path.abspath(a.out)
     os.makedirs(a.out, exist_ok=True)
     data = cut_validation(a.data, a.out, a.val_tokens)
     extra = dict(kv.split("=", 1) for kv in a.set)
     todo = [(lever, seed) for seed in a.seeds for lever in a.levers]
     results = os.path.join(a.out, "results.jsonl")
     print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} data:{a.data} val_tokens:{a.val_tokens} "
-          f"seconds:{a.seconds:g} seeds:{a.seeds} jobs:{a.jobs} model:{MODEL} common:{COMMON} extra:{extra}", flush=True)
+          f"seconds:{a.seconds:g} seeds:{a.seeds} jobs:{a.jobs} model:{MODEL} common:{COMMON} extra:{extra}",
+          flush=True)
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(a.jobs) as pool:
         for row in pool.map(lambda job: run_one(data, a.out, *job, a.seconds, extra), todo):

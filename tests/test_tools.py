@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -46,13 +47,13 @@ def test_lever_study_reads_the_real_log_and_pairs_by_seed(trained_run):
     """tools/lever_study.py's numbers in docs/runs come from its parse of train_gpt.py's log and its pairing by seed:
     the parse must read this script's final lines and step times (before and after the switch), and the gap change
     between two lengths must carry its sign (negative only when the lever's difference from the defaults shrinks)."""
-    import sys
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import lever_study
     row = lever_study.parse(trained_run["stdout"])
     for kind in ("prequant", "roundtrip", "sliding"):
         assert row[kind] == trained_run["finals"][kind]["val_bpb"], kind
     assert row["steps"] == 10 and row["ms_before"] > 0 and row["ms_after"] > 0  # switch at step 5 of 10
+
     def rows(long_gap):  # the lever off is better by 0.02 at 120 s, by -long_gap at 480 s
         out = []
         for seed, noise in ((1, 0.001), (2, -0.002), (3, 0.0005)):

@@ -90,9 +90,10 @@ def main() -> None:
         stats = train_gpt.calibrate(model, [(tokens, None)], rt, math.inf)
         t1 = time.perf_counter()
         fit = train_gpt.BudgetFit(model.state_dict(), stats)
-        blob, info = fit.fit(limit, args.model_config(model.layer_order()), args.export_gptq)
+        config = args.model_config(model.layer_order())
+        blob, info = fit.fit(limit, config, args.export_gptq)
         t2 = time.perf_counter()
-        finest = len(train_gpt.serialize_artifact(fit.quantize(math.exp(fit.bounds[0]), False), args.model_config()))
+        finest = len(train_gpt.serialize_artifact(fit.quantize(math.exp(fit.bounds[0]), False), config))
         print(f"weights:{kind} finest_bytes_model:{finest} bytes_model:{len(blob)} "
               f"bytes_total:{code_bytes + len(blob)} under_cap:{args.artifact_limit_bytes - code_bytes - len(blob)} "
               f"passes:{info['passes']} c:{info['c']:.4e} calibration_s:{t1 - t0:.1f} export_s:{t2 - t1:.1f} "

@@ -155,9 +155,9 @@ def gap_changes(rows: list[dict]) -> list[str]:
         out.append(f"== {tag} gap change {short:g} s -> {long_:g} s (diff_sliding at {long_:g} s minus at {short:g} s, "
                    "paired by seed, times the sign of the shorter; negative: the gap to the defaults shrinks with steps)")
         for lever in LEVERS:
-            seeds = sorted(s for (t, lv, s) in ok if t == short and lv == lever
-                           if all((t2, lv2, s) in ok for t2 in (short, long_) for lv2 in (lever, "defaults")))
-            if lever == "defaults" or len(seeds) < 2:
+            seeds = sorted(s for (t, lv, s) in ok if t == short and lv == lever != "defaults"
+                           and all((t2, lv2, s) in ok for t2 in (short, long_) for lv2 in (lever, "defaults")))
+            if len(seeds) < 2:
                 continue
             diff = {t: [ok[t, lever, s] - ok[t, "defaults", s] for s in seeds] for t in (short, long_)}
             sign = math.copysign(1.0, statistics.fmean(diff[short]))

@@ -137,4 +137,5 @@ def trained_run(corpus, tmp_path_factory):
     dump = run_script(corpus, cwd, script=os.path.join(ROOT, "tools", "eval_dump.py"), argv=[str(cwd / "dump.npz")])
     assert dump.returncode == 0, dump.stdout[-3000:] + dump.stderr[-3000:]
     return {"cwd": cwd, "stdout": proc.stdout, "finals": finals(proc.stdout), "artifact": cwd / "final_model.ptz",
-            "dump": cwd / "dump.npz", "dump_finals": finals(dump.stdout), "log": cwd / "logs" / "test.txt"}
+            "dump": cwd / "dump.npz", "dump_finals": finals(dump.stdout),
+            "dump_stdout": dump.stdout, "log": cwd / "logs" / "test.txt"}

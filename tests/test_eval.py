@@ -334,8 +334,9 @@ def test_evaluate_records_pass_the_audit(eval_setup, luts, mixer):
     assert rep["positions"] == len(picks) and rep["order_mismatch"] == 0
     assert rep["max_sum_err"] <= 1e-6 and rep["max_target_err"] <= 1e-9
     for world in (1, 3):  # run_audit splits the positions over ranks and merges the reports
-        parts = [train_gpt.run_audit(model, val, res, tables, picks, args, FakeRuntime(r, world), train_gpt.Deadline(0))
-                 for r in range(world)]
+        ranks = [FakeRuntime(r, world) for r in range(world)]
+        parts = [train_gpt.run_audit(model, val, res, tables, train_gpt.audit_share(picks, rt), args, rt,
+                                     train_gpt.Deadline(0)) for rt in ranks]
         assert sum(p["positions"] for p in parts) == len(picks)
         assert all(p["max_target_err"] <= 1e-9 and not p["late"] for p in parts)
 
@@ -412,11 +413,11 @@ def test_audit_positions_are_seeded_spread_and_small(eval_setup):
     _, val, tables = eval_setup
     order = tables.order
     picks = train_gpt.audit_positions(order, 40, 0)
-    assert picks == sorted(set(picks)) == train_gpt.audit_positions(order, 40, 0)
+    assert len(picks) == len(set(picks)) and picks == train_gpt.audit_positions(order, 40, 0)
     assert picks != train_gpt.audit_positions(order, 40, 1)
     assert all(1 <= t < len(val) for t in picks) and 30 <= len(picks) <= 40
     assert sum(int(order[t]) > 0 for t in picks) >= 20  # the matched half, plus matches drawn uniformly
-    assert train_gpt.audit_positions(order[:3], 40, 0) == [1, 2]  # fewer targets than asked: all of them
+    assert sorted(train_gpt.audit_positions(order[:3], 40, 0)) == [1, 2]  # fewer targets than asked: all of them
     # host memory independent of the stream length (62M targets on 8 ranks must not cost GBs each)
     big = torch.zeros(4_000_000, dtype=torch.int8)
     big[::3] = 2
@@ -735,6 +736,16 @@ def test_dump_is_consistent(trained_run, corpus):
     assert d["nll_mixed"].sum() / math.log(2) / nbytes == pytest.approx(f["ngram"]["val_bpb"], rel=1e-6)
     assert d["nll_model"].sum() / math.log(2) / nbytes == pytest.approx(f["sliding"]["val_bpb"], rel=1e-6)
     assert f["ngram"]["val_bpb"] < f["sliding"]["val_bpb"]  # the mixture helps on this repetitive text
+    # the tool's table by order: each order's targets, mean alpha and gain, from the same stream
+    table = re.search(r"^ngram_orders order:targets/mean_alpha/bpb_gain (.*)$", trained_run["dump_stdout"], re.M)
+    assert table, trained_run["dump_stdout"][-2000:]
+    rows = {int(o): v.split("/") for o, v in (kv.split(":") for kv in table.group(1).split())}
+    assert set(rows) == set(np.unique(d["order"][yes]).tolist())
+    for o, (count, mean_alpha, gain) in rows.items():
+        m = d["order"] == o
+        assert int(count) == m.sum() and float(mean_alpha) == pytest.approx(d["alpha"][m].mean(), abs=6e-4)
+        assert float(gain) == pytest.approx((d["nll_model"][m] - d["nll_mixed"][m]).sum() / math.log(2) / nbytes,
+                                            abs=6e-6)
 
 
 def test_reported_bytes_are_the_validation_text_bytes(trained_run, corpus):
@@ -837,7 +848,7 @@ def test_deadline_covers_the_precompute_and_the_audit(trained_run, corpus, luts,
 
     monkeypatch.setattr(train_gpt, phase, slow)
     lines = []
-    with pytest.raises(train_gpt.EvalFailure, match="within its budget"):
+    with pytest.raises(train_gpt.EvalFailure, match="^eval INCOMPLETE: .* of EVAL_BUDGET_SECONDS="):
         train_gpt.evaluate_artifact(tiny_args(EVAL_BUDGET_SECONDS=budget, **env), FakeRuntime(),
                                     lambda msg, **k: lines.append(msg), val, luts)
     text = "\n".join(lines)
@@ -944,11 +955,12 @@ def test_learned_mixer_starts_at_the_fixed_alpha_and_knob_selects_fixed():
             "top_p": torch.ones(n, dtype=torch.float64).index_put((pos,), feats[4])}
     res = {"stream": cols, "tokens": n - 1, "bytes": 3 * n}
     fixed = train_gpt.ngram_mixture(res, tables, tiny_args(NGRAM_MIXER="fixed"))
-    assert not fixed["mixer"].learn and len(fixed["mixer"].weights) == 1 and (fixed["trust"][pos] == 1).all()
-    np.testing.assert_allclose(fixed["alpha"][pos].numpy(), my_alpha(feats[3].numpy()), rtol=0, atol=1e-12)
+    assert not fixed["mixer"].learn and len(fixed["mixer"].weights) == 1
+    assert torch.equal(fixed["mixer"].pos, pos) and (fixed["mixer"].evidence.sigmoid() == 1).all()  # trust 1
+    np.testing.assert_allclose(fixed["alpha"].numpy(), my_alpha(feats[3].numpy()), rtol=0, atol=1e-12)
     learned = train_gpt.ngram_mixture(res, tables, args)
-    np.testing.assert_allclose(learned["alpha"][pos].numpy(), alpha.numpy(), rtol=1e-9)  # p_model went through -log
-    assert torch.isnan(learned["alpha"][1::2]).all()
+    assert torch.equal(learned["mixer"].pos, pos)  # alpha only where a context matched
+    np.testing.assert_allclose(learned["alpha"].numpy(), alpha.numpy(), rtol=1e-9)  # p_model went through -log
     assert torch.equal(learned["nll_mixed"][1::2], cols["nll"][1::2])  # unmatched: the model, exactly
     np.testing.assert_allclose(learned["nll_mixed"][pos].numpy(), mixed_nll(alpha, p_model, p_ng).numpy(), rtol=1e-12)
 

@@ -705,9 +705,8 @@ def test_any_limit_from_the_coarsest_to_the_finest_size_is_met(fit_case, frac):
     fit, config, coarsest, finest = fit_case
     limit = int(coarsest + frac * (finest - coarsest))
     blob, info = fit.fit(limit, config, False)
-    assert len(blob) == info["bytes"] <= limit
-    assert len(blob) >= limit * (1 - 2 * T.FIT_MARGIN), (len(blob), limit)
-    assert 1 <= info["passes"] <= 3 and sum(info["sizes"].values()) + len(T.split_frames(blob)[0]) + 4 == len(blob)
+    assert limit * (1 - 2 * T.FIT_MARGIN) <= len(blob) <= limit, (len(blob), limit)
+    assert 1 <= info["passes"] <= 3
 
 
 def test_fit_with_calibration_and_gptq_at_a_binding_limit(rt_artifact):
@@ -846,20 +845,31 @@ def test_calibration_statistics(corpus):
     assert T.calibrate(model, batches, rt, 0.0)["tokens"] == 4 * 64
 
 
-def test_trained_run_export_line(trained_run):
-    """The export logs what it chose; the tiny model's budget does not bind, so every quantized matrix
-    moves up to int8 (the finest steps there are), every row of the embedding stays fp16, and the bytes it
-    reports are the file's, with the bits a weight of each group."""
+def test_trained_run_export_line_and_what_the_artifact_holds(trained_run):
+    """The export logs what it chose, and the bytes it reports are the file's. tools/inspect_artifact.py reads the
+    choice back tensor by tensor: the tiny model's budget does not bind, so every quantized matrix moved up to int8
+    (the finest steps there are) and every row of the embedding is kept in fp16 (a step of 0)."""
     m = re.search(r"^export bytes_model:(\d+) predicted:(\d+) limit:(\d+) passes:(\d+) c:(\S+) gptq:1 "
-                  r"calib_tokens:(\d+) export_ms:(\d+) bits_per_weight (.*) moved:(\S+)$",
-                  trained_run["stdout"], re.M)
+                  r"calib_tokens:(\d+) export_ms:(\d+)$", trained_run["stdout"], re.M)
     assert m, trained_run["stdout"][-3000:]
     assert int(m.group(1)) == os.path.getsize(trained_run["artifact"]) <= int(m.group(3))
     assert int(m.group(6)) == int(TINY["TRAIN_BATCH_TOKENS"])
-    groups = dict(kv.split(":") for kv in m.group(8).split())
-    assert set(groups) == {"attn", "bigram", "embed", "mlp", "other"} and 0 < float(groups["mlp"]) < 8
-    assert set(m.group(9).split(",")) == {f"blocks.{i}.{p}.weight:int8" for i in range(2) for p in (
-        "mlp.fc", "mlp.proj", "attn.c_q", "attn.proj")} | {f"tok_emb.weight:int8+fp16_rows:{TINY['VOCAB_SIZE']}"}
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import inspect_artifact
+    rows = inspect_artifact.inspect(str(trained_run["artifact"]))
+    header, _ = T.read_artifact(str(trained_run["artifact"]))
+    assert sum(r["bytes"] for r in rows) + 4 + len(T.split_frames(trained_run["artifact"].read_bytes())[0]) == \
+        os.path.getsize(trained_run["artifact"]) and len(rows) == len(header["tensors"])
+    assert {f"{r['name']}:{r['qmax']}" + (f"+fp16_rows:{r['fp16_rows']}" if r["fp16_rows"] else "")
+            for r in rows if r["moved"]} == {f"blocks.{i}.{p}.weight:127" for i in range(2) for p in (
+                "mlp.fc", "mlp.proj", "attn.c_q", "attn.proj")} | {f"tok_emb.weight:127+fp16_rows:{TINY['VOCAB_SIZE']}"}
+    bits = inspect_artifact.group_bits(rows)
+    assert set(bits) == {"attn", "bigram", "embed", "mlp", "other"} and 0 < bits["mlp"] < 8
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "inspect_artifact.py"),
+                           str(trained_run["artifact"])], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"^tok_emb.weight layout:\S+ range:int8 bytes:\d+ bits_per_weight:\S+ fp16_rows:\d+ moved$",
+                     proc.stdout, re.M) and re.search(r"^bits_per_weight attn:\S+ bigram:\S+ embed", proc.stdout, re.M)
 
 
 # ----------------------------------------------------------------------------------------------

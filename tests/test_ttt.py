@@ -39,7 +39,7 @@ LENGTHS = [70, 3, 40, 9, 1, 33, 100, 17, 8, 25, 64, 2]  # longer than the window
 
 def scores(model, val, args, world=1, adapt_budget=0.0):
     """The TTT pass as `world` simulated ranks, buffers summed as the all-reduce sums them."""
-    parts = [train_gpt.ttt_scores(model, val, args, FakeRuntime(r, world), train_gpt.Deadline(adapt_budget))
+    parts = [train_gpt.ttt_scores(model, val, args, FakeRuntime(r, world), train_gpt.Deadline(adapt_budget))[:2]
              for r in range(world)]
     buf = torch.stack([p[0] for p in parts]).sum(0)
     return buf[:-1].view(len(train_gpt.SCORE_ROWS), len(val)), torch.stack([p[1] for p in parts]).sum(0)
@@ -61,7 +61,10 @@ def test_every_target_is_scored_once_and_bytes_are_those_of_the_sliding_pass(lut
     args = tiny_args(**TTT)
     rows, adapted = scores(model, val, args)
     assert torch.equal(rows[3][1:], torch.ones(len(val) - 1)) and rows[3][0] == 0
-    assert int(adapted.sum()) == len(train_gpt.documents(val))
+    docs = train_gpt.documents(val)
+    assert [int(adapted[d]) for d in range(len(docs))] == [  # each batch adapts every chunk step it runs
+        -(-max(docs[x][1] - docs[x][0] for x in b) // 8) for d in range(len(docs))
+        for b in train_gpt.ttt_batches(docs, 4) if d in b]
     res = train_gpt.stream_scores(torch.cat((rows.flatten(), torch.zeros(1))), val, luts, 0.0)
     sliding = train_gpt.stream_scores(train_gpt.score_windows(model, val, args, FakeRuntime(), seq_len=32, stride=8,
                                                               deadline=train_gpt.Deadline(0)), val, luts, 0.0)
@@ -86,15 +89,13 @@ def base_model_reference(model, val, args) -> torch.Tensor:
 
 def test_lr_zero_is_the_document_wise_eval_of_the_base_model():
     """TTT_LR=0: the adapters never move, so the pass is the base model scoring each document's chunks from its
-    own prefix: equal to the pass without adapters, and to a window-by-window reference (float32 body, batched
-    differently: within 1e-5)."""
+    own prefix: bitwise the pass whose budget lets no chunk adapt (not even the first batch's), and a
+    window-by-window reference (float32 body, batched differently: within 1e-5)."""
     model, val = random_model(1), doc_stream(LENGTHS, 2)
-    zero, _ = scores(model, val, tiny_args(**TTT, TTT_LR=0))
+    zero, adapted = scores(model, val, tiny_args(**TTT, TTT_LR=0))
+    assert int(adapted.min()) > 0
     unadapted, adapted = scores(model, val, tiny_args(**TTT, TTT_RESERVE_SECONDS=1e6), adapt_budget=1000.0)
-    assert 0 < int(adapted.sum()) < len(train_gpt.documents(val))  # only the first batch adapted (budget)
-    docs, batches = train_gpt.documents(val), train_gpt.ttt_batches(train_gpt.documents(val), 4)
-    later = [t for d in sum(batches[1:], []) for t in range(docs[d][0] + 1, docs[d][1] + 1)]
-    assert torch.equal(zero[:, later], unadapted[:, later])
+    assert int(adapted.sum()) == 0 and torch.equal(zero, unadapted)
     ref = base_model_reference(model, val, tiny_args(**TTT))
     np.testing.assert_allclose(zero[0].numpy(), ref.numpy(), rtol=0, atol=1e-5)
 
@@ -181,13 +182,122 @@ def test_audit_replays_the_adaptation_and_catches_an_adapter_that_saw_its_chunk(
     assert max(errs) > 100 * train_gpt.AUDIT_TOL, max(errs)
 
 
+class SimulatedTime:
+    """The clock of a TTT pass whose every chunk step costs `unit` seconds to score and twice that more to adapt
+    (backward and step): the guard's measured times are then exact, so what it promises can be checked to the
+    last step. Nothing else moves the clock."""
+
+    def __init__(self, monkeypatch, unit: float):
+        self.now = 0.0
+        monkeypatch.setattr(train_gpt.time, "perf_counter", lambda: self.now)
+        chunk, learn = train_gpt.DocBatch.chunk, train_gpt.DocBatch.learn
+
+        def timed_chunk(b, i, adapt=True):
+            self.now += unit
+            return chunk(b, i, adapt)
+
+        def timed_learn(b):
+            self.now += 2 * unit
+            learn(b)
+        monkeypatch.setattr(train_gpt.DocBatch, "chunk", timed_chunk)
+        monkeypatch.setattr(train_gpt.DocBatch, "learn", timed_learn)
+
+
+def test_the_guard_adapts_chunk_by_chunk_and_reserves_the_audit(monkeypatch):
+    """A budget for about half the adaptation, in simulated time: the guard stops adapting in the middle of a batch
+    (its later chunks and the later batches score as the base model, so every target is scored once), the pass and
+    the audit's replay of every sampled position end inside the budget less TTT_RESERVE_SECONDS, and the replay
+    reproduces the fast path on both sides of the stop. A budget that cannot hold the whole replay shrinks the
+    audit to a prefix of its sample (a pair at least); one that holds the base model alone adapts no chunk, the
+    first batch's neither."""
+    model, val = random_model(6), doc_stream([200, 150, 120, 96, 90, 80, 64, 60, 40, 33, 20, 9], 7, repeat=True)
+    args = tiny_args(**TTT, TTT_RESERVE_SECONDS=5.0)  # chunks of 8, 4 documents a batch
+    docs, unit = train_gpt.documents(val), 1e-3
+    batches = train_gpt.ttt_batches(docs, 4)
+    steps = {d: -(-max(docs[x][1] - docs[x][0] for x in b) // 8) for b in batches for d in b}
+    doc_of = {t: d for d, (s, e) in enumerate(docs) for t in range(s + 1, e + 1)}
+    audit = list(range(3, len(val), 7))
+    replay = [unit * ((t - docs[doc_of[t]][0] - 1) // 8 + 1) for t in audit]  # each alone, nothing adapted
+    base = unit * sum(steps[b[0]] for b in batches)
+    for slack, audit_share in ((1.0, 1.0), (0.2, 0.25), (0.0, 0.0)):  # adapting costs 3x scoring
+        clock = SimulatedTime(monkeypatch, unit)
+        budget = 4 * unit + base * (1 + slack) + sum(replay) * audit_share + args.ttt_reserve_seconds  # 4: probes
+        buf, adapted, keep = train_gpt.ttt_scores(model, val, args, FakeRuntime(), train_gpt.Deadline(budget), audit)
+        rows = buf[:-1].view(len(train_gpt.SCORE_ROWS), len(val))
+        assert torch.equal(rows[3][1:], torch.ones(len(val) - 1)) and not buf[-1]  # whole, in time
+        if not slack:
+            assert int(adapted.sum()) == 0 and keep == 2  # the audit keeps a pair: one of each half
+            continue
+        room = base * slack + sum(replay) * audit_share  # past scoring and replaying everything unadapted
+        assert sum(replay[:keep]) <= room + 1e-9 and (keep == len(audit) or sum(replay[:keep + 1]) > room)
+        assert keep == len(audit) if audit_share == 1 else 2 < keep < len(audit)
+        replayed = train_gpt.ttt_audit_rows(model, val, audit[:keep], args, FakeRuntime(), adapted)
+        assert clock.now <= budget - args.ttt_reserve_seconds + 1e-9, (clock.now, budget)
+        errs = [abs(float(r[val[t]].exp()) - math.exp(-float(rows[0][t]))) for t, r in zip(audit, replayed)]
+        assert max(errs) <= train_gpt.AUDIT_TOL / 100
+        if audit_share == 1:
+            assert 0 < int(adapted.sum()) < sum(steps.values())
+            cut = [d for d in steps if 0 < int(adapted[d]) < steps[d]]  # a batch that stopped inside
+            sides = {(t - docs[doc_of[t]][0] - 1) // 8 < int(adapted[doc_of[t]]) for t in audit if doc_of[t] in cut}
+            assert cut and sides == {True, False}, (cut, sides)
+
+
+def test_the_pass_and_its_replay_run_deterministic_kernels_and_give_them_back(monkeypatch):
+    """Inside the TTT pass and the audit's replay torch runs only deterministic kernels (what makes the replay
+    bitwise on CUDA, README); training's setting is restored after each."""
+    seen = []
+    chunk = train_gpt.DocBatch.chunk
+    monkeypatch.setattr(train_gpt.DocBatch, "chunk", lambda b, i, adapt=True: (
+        seen.append(torch.are_deterministic_algorithms_enabled()), chunk(b, i, adapt))[1])
+    model, val = random_model(7), doc_stream([40, 30, 20], 8)
+    args = tiny_args(**TTT)
+    assert not torch.are_deterministic_algorithms_enabled()
+    _, adapted, _ = train_gpt.ttt_scores(model, val, args, FakeRuntime(), train_gpt.Deadline(0))
+    train_gpt.ttt_audit_rows(model, val, [5, 40, 60], args, FakeRuntime(), adapted)
+    assert seen and all(seen) and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_each_pass_reads_the_clock_after_the_device_is_done(monkeypatch):
+    """The deadline's last reading in the sliding pass and in the TTT pass comes after a synchronization, so that a
+    pass whose queued work ends past the deadline is not counted as in time."""
+    events = []
+
+    class Recording(FakeRuntime):
+        def sync(self):
+            events.append("sync")
+
+    class Watched(train_gpt.Deadline):
+        def passed(self):
+            events.append("read")
+            return super().passed()
+
+    model, val = random_model(8), doc_stream([40, 30, 20], 9)
+    args = tiny_args(**TTT)
+    train_gpt.score_windows(model, val, args, Recording(), seq_len=32, stride=8, deadline=Watched(100.0))
+    assert events[-2:] == ["sync", "read"]
+    events.clear()
+    train_gpt.ttt_scores(model, val, args, Recording(), Watched(100.0))
+    assert events[-2:] == ["sync", "read"]
+
+
+def test_audit_positions_alternate_so_any_prefix_holds_both_halves():
+    """The sample is drawn in turn from all targets and from the matched ones, so the prefix the TTT pass keeps
+    when the budget is short still covers both (the matched half is where the n-gram's probability enters)."""
+    val = torch.cat((doc_stream([3000] * 3, 10, repeat=True), doc_stream([3000] * 3, 11)))  # matched, then not
+    tables = train_gpt.ngram_tables(val, 512, 2, 7, 2)
+    picks = train_gpt.audit_positions(tables.order, 64, seed=3)
+    assert len(picks) == 64 and len(set(picks)) == 64
+    assert all(int(tables.order[t]) > 0 for t in picks[1::2])  # every second one matched
+    assert sum(int(tables.order[t]) == 0 for t in picks[0::2]) > 0  # and the others drawn from all targets
+
+
 def test_the_audit_rebuilds_the_switch(luts):
     """With TTT=1 the audit mixes its replayed TTT row and its own sliding row by the switch's weight at t, so it
     passes on the fast path and fails when the weight used to score is not the one the evidence gives."""
     model, val = random_model(5), doc_stream([96] * 4 + [40] * 4, 5, repeat=True)
     args = tiny_args(**TTT, TTT_LR=0.03)  # adapters that move p(x_t) far from the sliding pass's
     sliding = run_eval(model, val, luts, args, 1, args.eval_seq_len, args.eval_stride)
-    buf, adapted = train_gpt.ttt_scores(model, val, args, FakeRuntime(), train_gpt.Deadline(0))
+    buf, adapted, _ = train_gpt.ttt_scores(model, val, args, FakeRuntime(), train_gpt.Deadline(0))
     ttt = train_gpt.stream_scores(buf, val, luts, 0.0)
     base = dict(train_gpt.switched(sliding, ttt), adapted=adapted)
     tables = train_gpt.ngram_tables(val, 512, 2, 7, 2)
@@ -232,7 +342,7 @@ def ttt_runs(trained_run, corpus, tmp_path_factory):
     return out
 
 
-TTT_LINE = re.compile(r"^ttt docs:(\d+) adapted:(\d+) ms:\d+ val_bpb_adapted:(\d\.\d{8}) switch_weight:(\d\.\d{4})$", re.M)
+TTT_LINE = re.compile(r"^ttt docs:(\d+) adapted:(\d+) val_bpb_adapted:(\d\.\d{8}) switch_weight:(\d\.\d{4})$", re.M)
 
 
 def test_whole_eval_with_ttt_reports_and_audits(ttt_runs, trained_run):
@@ -251,7 +361,7 @@ def test_whole_eval_with_ttt_reports_and_audits(ttt_runs, trained_run):
     audit = re.search(r"^ngram_audit positions:(\d+) max_sum_err:\S+ max_target_err:(\S+) order_mismatch:0 tol:\S+ "
                       r"sampled:(\d+)$", proc.stdout, re.M)
     assert audit and audit.group(1) == audit.group(3) and float(audit.group(2)) <= 1e-6
-    assert re.search(r"^eval_time .*sliding_ms:\d+ ttt_ms:\d+ ngram_precompute_ms", proc.stdout, re.M)
+    assert re.search(r"^eval_time .*sliding_ms:\d+ ngram_precompute_ms:\d+ ttt_ms:\d+ mix_ms", proc.stdout, re.M)
 
 
 def test_two_processes_give_the_same_ttt_score(ttt_runs):
@@ -262,11 +372,11 @@ def test_two_processes_give_the_same_ttt_score(ttt_runs):
 
 
 def test_a_tight_budget_scores_everything_and_adapts_what_fits(ttt_runs):
-    """Reserve all but a millisecond of the budget for the rest of the eval: after the first batch the rate says
-    there is no room to adapt, so the other documents are scored as the base model, and the score is whole."""
+    """Reserve all but a millisecond of the budget for the rest of the eval: no chunk step has room to adapt, not
+    even the first batch's (the guard prices every one), so every document is scored as the base model, whole."""
     proc = ttt_runs["budget"]
     (docs, adapted, adapted_bpb, weight), = TTT_LINE.findall(proc.stdout)
-    assert int(adapted) == 16 < int(docs)
+    assert int(adapted) == 0 < int(docs)
     f = finals(proc.stdout)
     assert f["ttt"]["coverage"] == 1.0 and f["ngram"]["coverage"] == 1.0
     assert adapted_bpb != TTT_LINE.findall(ttt_runs["one"].stdout)[0][2]  # the adapted pass itself changed

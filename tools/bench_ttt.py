@@ -7,6 +7,9 @@ rank runs the same code on its own batches), so one device's rate times N is the
     python tools/bench_ttt.py --docs 256 --ranks 8     # on a GPU: a longer measurement
 
 The first batch (allocation and, where used, compilation) is timed apart and counted once in the projection.
+Then the audit's replay (train_gpt.ttt_audit_rows) of --audit positions drawn uniformly over the targets, one
+rank's share of NGRAM_AUDIT_POSITIONS (256 / 8 = 32), as the eval replays them: its time is added once (every
+rank replays its share at the same time).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--mean-len", type=int, default=1240, help="mean document length (FineWeb val: ~1240 tokens)")
     ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--audit", type=int, default=32, help="positions replayed (one rank's share of the audit)")
     a = ap.parse_args()
     args = T.Hyperparameters()
     args.ttt = True
@@ -50,9 +54,14 @@ def main() -> None:
     rt.sync()
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
-    T.ttt_scores(model, val, args, rt, T.Deadline(0))
+    _, adapted, _ = T.ttt_scores(model, val, args, rt, T.Deadline(0))
     rt.sync()
     secs = time.perf_counter() - t0
+    picks = (rng.choice(len(val) - 1, size=min(a.audit, len(val) - 1), replace=False) + 1).tolist()
+    t0 = time.perf_counter()
+    T.ttt_audit_rows(model, val, picks, args, rt, adapted)
+    rt.sync()
+    replay = time.perf_counter() - t0
     rate = (len(val) - 1) / secs
     peak = f" peak_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}" if rt.is_cuda else ""
     print(f"device:{rt.device} params:{sum(p.numel() for p in model.parameters())} docs:{len(docs)} "
@@ -60,6 +69,7 @@ def main() -> None:
           f"warmup_s:{warm:.1f} pass_s:{secs:.1f} tok_s:{rate:.0f} us_per_token:{1e6 / rate:.1f}{peak}", flush=True)
     print(f"projection: {VAL_TOKENS} tokens on {a.ranks} ranks at this rate: {VAL_TOKENS / (a.ranks * rate) + warm:.0f} s "
           f"(warm-up counted once)", flush=True)
+    print(f"replay: {len(picks)} audit positions in {replay:.1f} s (these documents; FineWeb's run longer)", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt  # noqa: E402
+import inspect_artifact  # noqa: E402
 
 
 def draw(model: train_gpt.GPT, kind: str, seed: int) -> None:
@@ -57,15 +58,15 @@ def entropy_bytes(b: torch.Tensor) -> float:
     return total
 
 
-def by_group(info: dict) -> str:
-    """real / estimated / entropy bytes per group: mlp, attn, bigram, embed, other (the export line's groups), and
-    its real bits a weight."""
-    out = {}
-    for name, (kind, _, q, s) in info["quantized"].items():
-        group = next((g for g, key in train_gpt.WEIGHT_GROUPS if key in name), "other")
+def by_group(info: dict, blob: bytes) -> str:
+    """real / estimated / entropy bytes per group: mlp, attn, bigram, embed, other (tools/inspect_artifact.py's
+    groups), and its real bits a weight."""
+    out, sizes = {}, [4 + len(f) for f in train_gpt.split_frames(blob)[1:]]
+    for (name, (kind, _, q, s)), size in zip(info["quantized"].items(), sizes):
+        group = next((g for g, key in inspect_artifact.GROUPS if key in name), "other")
         # the fit's estimate of an int tensor (BudgetFit.estimate, before the rescale); fp16 tensors are measured
-        estimate = info["sizes"][name] if s is None else 4 + len(train_gpt.tensor_frame(q, s, train_gpt.ZSTD_SIZING)[1])
-        row = (info["sizes"][name], estimate,
+        estimate = size if s is None else 4 + len(train_gpt.tensor_frame(q, s, train_gpt.ZSTD_SIZING)[1])
+        row = (size, estimate,
                4 + entropy_bytes(q) + (0 if s is None else entropy_bytes(s)), q.numel())
         out[group] = [a + b for a, b in zip(out.get(group, (0, 0, 0, 0)), row)]
     return " ".join(f"{g}:{r:.0f}/{e:.0f}/{h:.0f}({r / h:.4f},{8 * r / n:.3f}b)"
@@ -98,7 +99,7 @@ def main() -> None:
               f"bytes_total:{code_bytes + len(blob)} under_cap:{args.artifact_limit_bytes - code_bytes - len(blob)} "
               f"passes:{info['passes']} c:{info['c']:.4e} calibration_s:{t1 - t0:.1f} export_s:{t2 - t1:.1f} "
               f"bytes_per_param:{len(blob) / n_params:.4f}", flush=True)
-        print(f"  bytes real/estimate/entropy(real over entropy) {by_group(info)}", flush=True)
+        print(f"  bytes real/estimate/entropy(real over entropy) {by_group(info, blob)}", flush=True)
         t3 = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(d, "a.ptz"), "wb") as f:

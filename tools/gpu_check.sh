@@ -10,7 +10,7 @@
 #   4. a summary: ms/step (forward+backward, optimizer, rest), and before and after the repeat's switch (its
 #      layers run twice from RECUR_START_FRAC of the budget on), peak memory, the warm-up's time (it compiles
 #      both graphs, with and without the repeat), eval times, bytes, the calibration's time against what the
-#      stop rule reserved for it, and the margin left under the cap
+#      stop rule reserved for it, the margin left under the cap and the artifact's bits a weight by group
 #
 #   bash tools/gpu_check.sh          # on the GPU machine; everything lands in runs/gpu_check/
 #   bash tools/gpu_check.sh --dry    # the same steps at toy size on the CPU, to show the script is sound
@@ -70,12 +70,13 @@ python3 "$root/tools/bench_ngram.py" --tokens $ngram_tokens --device "$([ $dry =
 
 stage "TTT: the pass's rate on the configured model (full size on the GPU), projected to 62M tokens on 8 GPUs"
 # shellcheck disable=SC2086
-env "${run_env[@]}" python3 "$root/tools/bench_ttt.py" $ttt_args --ranks 8
+env "${run_env[@]}" python3 "$root/tools/bench_ttt.py" $ttt_args --ranks 8 | tee "$out/bench_ttt.txt"
 
 stage "summary"
-python3 - logs/gpu_check.txt <<'EOF'
+[ -f final_model.ptz ] && python3 "$root/tools/inspect_artifact.py" final_model.ptz | tail -1  # bits a weight by group
+python3 - logs/gpu_check.txt bench_ttt.txt <<'EOF'
 import re, sys
-text = open(sys.argv[1]).read()
+text, ttt = open(sys.argv[1]).read(), open(sys.argv[2]).read()
 steps = re.findall(r"^step:(\d+)/\d+ .*step_ms:(\S+) fwd_bwd_ms:(\S+) opt_ms:(\S+) other_ms:(\S+) .*", text, re.M)
 if steps:
     n, step, fb, opt, other = steps[-1]
@@ -91,6 +92,16 @@ for pat in (r"^warmup_steps:.*", r"^stopping_early.*", r"^calibration .*", r"^pe
             r"^artifact .*", r"^final_\w+ .*", r"^ngram_mix .*", r"^ngram_audit .*", r"^eval_time .*"):
     for line in re.findall(pat, text, re.M):
         print(line)
+times = dict(re.findall(r"(\w+)_ms:(\d+)", (re.findall(r"^eval_time .*", text, re.M) or [""])[-1]))
+val = re.search(r"^val_tokens:(\d+)", text, re.M)
+proj, replay = re.search(r"^projection: .*: (\d+) s", ttt, re.M), re.search(r"^replay: \d+ audit positions in (\S+) s", ttt, re.M)
+if times and val and proj and replay:  # the sliding pass splits over 8 ranks; every rank builds the n-gram tables whole
+    scale = 62021846 / int(val.group(1))
+    before = (int(times["load"]) + (int(times["roundtrip"]) + int(times["sliding"])) * scale / 8
+              + int(times.get("ngram_precompute", 0)) * scale) / 1000
+    print(f"projected 8-GPU eval with TTT=1: {before:.0f} s before the TTT pass (this run's times scaled to 62M tokens) "
+          f"+ {proj.group(1)} s pass + {replay.group(1)} s replay = {before + int(proj.group(1)) + float(replay.group(1)):.0f} s "
+          "of the 600 (mixing and the sliding audit rows not counted)")
 calib = re.search(r"^calibration tokens:\d+ ms:(\d+) reserved_ms:(\d+) train_total_ms:(\d+)$", text, re.M)
 cap = re.search(r"^hparam max_wallclock_seconds:(\S+)$", text, re.M)
 if calib and cap:

@@ -61,7 +61,7 @@ def main() -> None:
             mixed = T.ngram_mixture(res, tables, args)
             print(f"mixer:{mixer} orders:{args.ngram_min_order}-{max_order} val_bpb:{mixed['bpb_mixed']:.5f} "
                   f"gain:{res['bpb_model'] - mixed['bpb_mixed']:+.5f} matched:{float(matched[1:].double().mean()):.3f} "
-                  f"mean_alpha:{float(mixed['alpha'][matched].mean()):.3f} precompute_s:{precompute_s:.2f} "
+                  f"mean_alpha:{float(mixed['alpha'].mean()):.3f} precompute_s:{precompute_s:.2f} "
                   f"mix_s:{mixed['mix_ms'] / 1000:.2f}", flush=True)
 
 

@@ -36,7 +36,7 @@ def main() -> None:
     for lr in a.lrs:
         args.ttt_lr = lr
         t0 = time.perf_counter()
-        buf, adapted = T.ttt_scores(model, val, args, rt, T.Deadline(0))
+        buf, adapted, _ = T.ttt_scores(model, val, args, rt, T.Deadline(0))
         secs = time.perf_counter() - t0
         res = T.stream_scores(buf, val, luts, t0)
         assert res["complete"], "the TTT pass did not score every target"
@@ -45,7 +45,7 @@ def main() -> None:
         sw_mixed = T.ngram_mixture(sw, tables, args)["bpb_mixed"]
         print(f"ttt lr:{lr:g} rank:{args.ttt_rank} chunk:{args.ttt_chunk} docs:{args.ttt_docs} "
               f"val_bpb:{res['bpb_model']:.5f} vs_sliding:{sliding['bpb_model'] - res['bpb_model']:+.5f} "
-              f"ngram_bpb:{mixed:.5f} vs_sliding_ngram:{base_mixed - mixed:+.5f} adapted:{int(adapted.sum())} "
+              f"ngram_bpb:{mixed:.5f} vs_sliding_ngram:{base_mixed - mixed:+.5f} adapted:{int((adapted > 0).sum())} "
               f"seconds:{secs:.0f} us_per_token:{1e6 * secs / (len(val) - 1):.0f}", flush=True)
         print(f"  switch val_bpb:{sw['bpb_model']:.5f} vs_sliding:{sliding['bpb_model'] - sw['bpb_model']:+.5f} "
               f"ngram_bpb:{sw_mixed:.5f} vs_sliding_ngram:{base_mixed - sw_mixed:+.5f} "

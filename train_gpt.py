@@ -1563,7 +1563,7 @@ def ttt_scores(model: GPT, val: Tensor, args: Hyperparameters, rt: Runtime, dead
                 break
             ks = [k for d, k in chunks[:keep] if d in batch]  # this batch's audited chunks
             first = guard.fits(1 + len(ks))  # the adapters' draw is timed as part of adapting
-            b, on = guard.timed(True, 0, lambda: DocBatch(model, val, [docs[d] for d in batch], args, rt, first)), 0
+            b, on = guard.timed(first, 0, lambda: DocBatch(model, val, [docs[d] for d in batch], args, rt, first)), 0
             for i in range(b.steps):
                 if deadline.passed():
                     break
